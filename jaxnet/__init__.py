@@ -1,0 +1,3 @@
+from .activations import *  # noqa
+from .layers import *  # noqa
+from .combinators import *  # noqa
