@@ -1,3 +1,31 @@
-from .activations import *  # noqa
-from .layers import *  # noqa
-from .combinators import *  # noqa
+"""jaxnet: neural networks on JAX from pure (init, apply) layers with hand-written derivatives.
+
+The public surface is re-exported here; see each module for the math.
+"""
+
+from . import activations, losses
+from .activations import (ACTIVATIONS, elu, gelu, identity, leaky_relu, log_softmax, relu,
+                          sigmoid, silu, softmax, softplus, tanh)
+from .combinators import FanInConcat, FanInSum, FanOut, mlp, parallel, residual, serial
+from .layers import (Activation, Dense, Dropout, Elu, Flatten, Gelu, Identity, Layer, LayerNorm,
+                     LeakyRelu, LogSoftmax, NoBackwardRuleError, Relu, ShapeError, Sigmoid,
+                     Silu, Softmax, Softplus, Tanh, elementwise)
+from .losses import accuracy, cross_entropy, l2_loss, softmax_cross_entropy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # activations
+    "ACTIVATIONS", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "softplus", "silu",
+    "identity", "softmax", "log_softmax",
+    # layers
+    "Layer", "ShapeError", "NoBackwardRuleError", "Dense", "elementwise", "Activation",
+    "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Elu", "Gelu", "Softplus", "Silu", "Identity",
+    "Softmax", "LogSoftmax", "Flatten", "Dropout", "LayerNorm",
+    # combinators
+    "serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "residual", "mlp",
+    # losses and metrics
+    "softmax_cross_entropy", "cross_entropy", "l2_loss", "accuracy",
+    # modules
+    "activations", "losses",
+]
