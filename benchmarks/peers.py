@@ -1,0 +1,673 @@
+"""Peer benchmark: the same MLP training step in jaxnet and in its peers, side by side.
+
+One step = forward pass, softmax cross-entropy on integer labels, gradients, Adam (lr 1e-3),
+parameter update, all in float32. Variants:
+
+- ``pure_jax``: a hand-written step (list of (w, b), ``jax.value_and_grad``, optax.adam),
+  ``jax.jit`` with the parameters and optimiser state donated. Every ratio is relative to it.
+- ``jaxnet_auto`` / ``jaxnet_manual``: ``jaxnet.train.make_train_step(net, loss, opt, grad=...)``
+  (``jax.grad`` versus jaxnet's hand-written backward pass).
+- ``stax``, ``flax_linen``, ``haiku``: their modules with the same optax step under ``jax.jit``.
+- ``flax_nnx_jit`` (``nnx.jit``) and ``flax_nnx_split`` (``nnx.split``/``nnx.merge`` + ``jax.jit``).
+- ``equinox_filter_jit`` (``eqx.filter_jit``) and ``equinox_jit`` (``eqx.partition`` + ``jax.jit``).
+- ``torch_eager`` and ``torch_compile`` (PyTorch on the CPU; ``torch.optim.Adam``).
+
+Configurations: small 784-128-10 batch 128; large 784-2048-2048-2048-10 batch 512; deep
+784-(256×16)-10 batch 256; ``small_epoch``: a whole epoch of the small config in one
+``lax.scan`` (time reported per step, ratio to the per-call pure-JAX step of the same round).
+
+Method: every variant is compiled and warmed up first (not timed). Then rounds: in each round
+every variant (in a rotated order) runs the same number of back-to-back steps and is timed to
+``block_until_ready``; the paired ratio of a variant in a round is its time over pure JAX's time
+in that round, so drift of the shared machine cancels. Reported: the median step time, the
+median of the paired ratios and their 25–75 % range, GFLOP/s = 6 · batch · Σ fan_in·fan_out per
+step, and its fraction of the machine's matmul peak (jitted 2048×2048 float32 ``jnp.dot``,
+2·2048³ flops, measured in every round too).
+
+Usage::
+
+    python benchmarks/peers.py --quick                 # a minute or two, for development
+    python benchmarks/peers.py --json benchmarks/results/peers_cpu.json \
+        --markdown benchmarks/results/peers_cpu.md --plot benchmarks/results/peers_cpu.png
+
+Peers are optional (``pip install -e '.[bench]'`` and ``pip install torch==2.13.0``); a variant
+whose library is missing is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+CONFIGS: dict[str, tuple[list[int], int]] = {
+    "small": ([784, 128, 10], 128),
+    "large": ([784, 2048, 2048, 2048, 10], 512),
+    "deep": ([784] + [256] * 16 + [10], 256),
+}
+EPOCH_STEPS = 40  # ≈ 5,000 examples / batch 128: the mnist5k training set
+LR = 1e-3
+ALL_VARIANTS = ["pure_jax", "jaxnet_auto", "jaxnet_manual", "stax", "flax_linen",
+                "flax_nnx_jit", "flax_nnx_split", "equinox_filter_jit", "equinox_jit", "haiku",
+                "torch_eager", "torch_compile"]
+EPOCH_VARIANTS = ["pure_jax", "pure_jax_scan", "jaxnet_step", "jaxnet_fit_scan"]
+
+
+class Skip(Exception):
+    """A variant that cannot run here (library missing, API absent)."""
+
+
+def flops_per_step(widths: list[int], batch: int) -> int:
+    """6 · batch · Σ fan_in·fan_out: forward (2·b·m·n) plus two backward matmuls per layer."""
+    return 6 * batch * sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=False))
+
+
+def data(widths, batch, steps=None, seed=0):
+    rng = np.random.default_rng(seed)
+    lead = (batch,) if steps is None else (steps, batch)
+    x = rng.standard_normal(lead + (widths[0],), dtype=np.float32)
+    y = rng.integers(0, widths[-1], size=lead).astype(np.int32)
+    return x, y
+
+
+def sync(tree):
+    return jax.block_until_ready(tree)
+
+
+# --- pure JAX ---------------------------------------------------------------
+
+def pure_init(key, widths):
+    params = []
+    keys = jax.random.split(key, len(widths) - 1)
+    for k, m, n in zip(keys, widths[:-1], widths[1:], strict=True):
+        w = jax.nn.initializers.glorot_normal()(k, (m, n), jnp.float32)
+        params.append((w, jnp.zeros((n,), jnp.float32)))
+    return params
+
+
+def pure_apply(params, x):
+    for w, b in params[:-1]:
+        x = jax.nn.relu(x @ w + b)
+    w, b = params[-1]
+    return x @ w + b
+
+
+def ce(logits, y):
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def optax_step(apply_fn, opt):
+    """The step shared by pure JAX, stax, linen and haiku: only ``apply_fn`` differs."""
+
+    def step(params, opt_state, x, y):
+        loss, g = jax.value_and_grad(lambda p: ce(apply_fn(p, x), y))(params)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def jitted_runner(step, params, opt_state, x, y):
+    """Runner for a (params, opt_state, x, y) -> (params, opt_state, loss) step."""
+    jstep = jax.jit(step, donate_argnums=(0, 1))
+    state = [params, opt_state]
+
+    def run(n):
+        p, o = state
+        loss = None
+        for _ in range(n):
+            p, o, loss = jstep(p, o, x, y)
+        state[:] = [p, o]
+        return sync(loss)
+
+    return run
+
+
+def make_pure_jax(widths, x, y):
+    opt = optax.adam(LR)
+    params = pure_init(jax.random.key(0), widths)
+    return jitted_runner(optax_step(pure_apply, opt), params, opt.init(params), x, y)
+
+
+def make_pure_jax_scan(widths, xs, ys):
+    opt = optax.adam(LR)
+    step = optax_step(pure_apply, opt)
+
+    @partial(jax.jit, donate_argnums=(0, 1))
+    def epoch(params, opt_state, xs, ys):
+        def body(carry, xy):
+            p, o, loss = step(*carry, *xy)
+            return (p, o), loss
+
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (xs, ys))
+        return params, opt_state, losses
+
+    params = pure_init(jax.random.key(0), widths)
+    state = [params, opt.init(params)]
+
+    def run(n):
+        losses = None
+        for _ in range(n):
+            p, o, losses = epoch(*state, xs, ys)
+            state[:] = [p, o]
+        return sync(losses)
+
+    return run
+
+
+# --- jaxnet -----------------------------------------------------------------
+
+def _jaxnet_net(widths):
+    import jaxnet
+    return jaxnet.mlp(widths[1:-1], widths[-1], "relu")
+
+
+def _jaxnet_train():
+    try:
+        from jaxnet import train
+    except ImportError as e:
+        raise Skip(f"jaxnet.train not importable ({e})") from None
+    return train
+
+
+def make_jaxnet(grad):
+    def make(widths, x, y):
+        import jaxnet
+        train = _jaxnet_train()
+        net = _jaxnet_net(widths)
+        step = train.make_train_step(net, jaxnet.softmax_cross_entropy, optax.adam(LR),
+                                     grad=grad)
+        state = [train.init_state(net, optax.adam(LR), jax.random.key(0), (-1, widths[0]))]
+
+        def run(n):
+            s, out = state[0], None
+            for _ in range(n):
+                s, out = step(s, x, y)
+            state[0] = s
+            return sync(out)
+
+        return run
+
+    return make
+
+
+def make_jaxnet_fit_scan(widths, xs, ys):
+    """jaxnet's scanned epoch: the epoch function ``fit`` runs (one ``lax.scan`` per epoch)."""
+    import jaxnet
+    train = _jaxnet_train()
+    if not hasattr(train, "make_epoch"):
+        raise Skip("jaxnet.train has no make_epoch")
+    net = _jaxnet_net(widths)
+    epoch = train.make_epoch(net, jaxnet.softmax_cross_entropy, optax.adam(LR))
+    state = [train.init_state(net, optax.adam(LR), jax.random.key(0), (-1, widths[0]))]
+
+    def run(n):
+        out = None
+        for _ in range(n):
+            s, out = epoch(state[0], xs, ys)
+            state[0] = s
+        return sync(out)
+
+    return run
+
+
+# --- stax, linen, haiku -------------------------------------------------------
+
+def make_stax(widths, x, y):
+    from jax.example_libraries import stax
+    layers = []
+    for n in widths[1:-1]:
+        layers += [stax.Dense(n), stax.Relu]
+    init, apply = stax.serial(*layers, stax.Dense(widths[-1]))
+    _, params = init(jax.random.key(0), (-1, widths[0]))
+    opt = optax.adam(LR)
+    return jitted_runner(optax_step(apply, opt), params, opt.init(params), x, y)
+
+
+def make_flax_linen(widths, x, y):
+    try:
+        import flax.linen as nn
+    except ImportError as e:
+        raise Skip(str(e)) from None
+
+    class MLP(nn.Module):
+        widths: tuple
+
+        @nn.compact
+        def __call__(self, x):
+            for n in self.widths[1:-1]:
+                x = nn.relu(nn.Dense(n)(x))
+            return nn.Dense(self.widths[-1])(x)
+
+    model = MLP(tuple(widths))
+    params = model.init(jax.random.key(0), x)
+    opt = optax.adam(LR)
+    return jitted_runner(optax_step(model.apply, opt), params, opt.init(params), x, y)
+
+
+def make_haiku(widths, x, y):
+    try:
+        import haiku as hk
+    except ImportError as e:
+        raise Skip(str(e)) from None
+    model = hk.without_apply_rng(hk.transform(lambda x: hk.nets.MLP(widths[1:])(x)))
+    params = model.init(jax.random.key(0), x)
+    opt = optax.adam(LR)
+    return jitted_runner(optax_step(model.apply, opt), params, opt.init(params), x, y)
+
+
+# --- flax nnx -----------------------------------------------------------------
+
+def _nnx_model(widths):
+    try:
+        from flax import nnx
+    except ImportError as e:
+        raise Skip(str(e)) from None
+
+    class MLP(nnx.Module):
+        def __init__(self, widths, rngs):
+            self.layers = nnx.List([nnx.Linear(m, n, rngs=rngs)
+                                    for m, n in zip(widths[:-1], widths[1:], strict=False)])
+
+        def __call__(self, x):
+            for layer in self.layers[:-1]:
+                x = nnx.relu(layer(x))
+            return self.layers[-1](x)
+
+    model = MLP(widths, nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(LR), wrt=nnx.Param)
+
+    def train_step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: ce(m(x), y))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    return nnx, model, optimizer, train_step
+
+
+def make_flax_nnx_jit(widths, x, y):
+    nnx, model, optimizer, train_step = _nnx_model(widths)
+    step = nnx.jit(train_step, donate_argnums=(0, 1))
+
+    def run(n):
+        loss = None
+        for _ in range(n):
+            loss = step(model, optimizer, x, y)
+        return sync(loss)
+
+    return run
+
+
+def make_flax_nnx_split(widths, x, y):
+    nnx, model, optimizer, train_step = _nnx_model(widths)
+    graphdef, state0 = nnx.split((model, optimizer))
+
+    @partial(jax.jit, donate_argnums=0)
+    def step(state, x, y):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss = train_step(model, optimizer, x, y)
+        return nnx.state((model, optimizer)), loss
+
+    state = [state0]
+
+    def run(n):
+        loss = None
+        for _ in range(n):
+            state[0], loss = step(state[0], x, y)
+        return sync(loss)
+
+    return run
+
+
+# --- equinox ------------------------------------------------------------------
+
+def _eqx_model(widths):
+    try:
+        import equinox as eqx
+    except ImportError as e:
+        raise Skip(str(e)) from None
+    hidden = widths[1:-1]
+    if len(set(hidden)) != 1:
+        raise Skip("eqx.nn.MLP needs equal hidden widths")
+    model = eqx.nn.MLP(widths[0], widths[-1], hidden[0], len(hidden), activation=jax.nn.relu,
+                       key=jax.random.key(0))
+    opt = optax.adam(LR)
+
+    def step(model, opt_state, x, y):
+        loss, grads = eqx.filter_value_and_grad(lambda m: ce(jax.vmap(m)(x), y))(model)
+        updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), opt_state, loss
+
+    return eqx, model, opt, step
+
+
+def make_equinox_filter_jit(widths, x, y):
+    eqx, model, opt, step = _eqx_model(widths)
+    jstep = eqx.filter_jit(lambda xy, model, opt_state: step(model, opt_state, *xy),
+                           donate="all-except-first")
+    state = [model, opt.init(eqx.filter(model, eqx.is_array))]
+
+    def run(n):
+        loss = None
+        for _ in range(n):
+            m, o, loss = jstep((x, y), *state)
+            state[:] = [m, o]
+        return sync(loss)
+
+    return run
+
+
+def make_equinox_jit(widths, x, y):
+    eqx, model, opt, step = _eqx_model(widths)
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def pstep(params, opt_state, x, y):
+        m, o, loss = step(eqx.combine(params, static), opt_state, x, y)
+        return eqx.filter(m, eqx.is_array), o, loss
+
+    return jitted_runner(pstep, params, opt.init(params), x, y)
+
+
+# --- PyTorch ------------------------------------------------------------------
+
+def _torch_model(widths, x, y):
+    try:
+        import torch
+    except ImportError as e:
+        raise Skip(f"{e} (pip install torch==2.13.0)") from None
+    torch.manual_seed(0)
+    layers = []
+    for m, n in zip(widths[:-2], widths[1:-1], strict=False):
+        layers += [torch.nn.Linear(m, n), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-2], widths[-1]))
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    return torch, model, opt, torch.from_numpy(np.asarray(x)), torch.from_numpy(
+        np.asarray(y).astype(np.int64))
+
+
+def make_torch_eager(widths, x, y):
+    torch, model, opt, tx, ty = _torch_model(widths, x, y)
+
+    def run(n):
+        loss = None
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(tx), ty)
+            loss.backward()
+            opt.step()
+        return loss.item()
+
+    return run
+
+
+def make_torch_compile(widths, x, y):
+    torch, model, opt, tx, ty = _torch_model(widths, x, y)
+    cmodel = torch.compile(model)
+
+    @torch.compile(fullgraph=False)
+    def opt_step():
+        opt.step()
+
+    def run(n):
+        loss = None
+        for _ in range(n):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(cmodel(tx), ty)
+            loss.backward()
+            opt_step()
+        return loss.item()
+
+    return run
+
+
+BUILDERS: dict[str, Callable] = {
+    "pure_jax": make_pure_jax,
+    "jaxnet_auto": make_jaxnet("auto"),
+    "jaxnet_manual": make_jaxnet("manual"),
+    "stax": make_stax,
+    "flax_linen": make_flax_linen,
+    "flax_nnx_jit": make_flax_nnx_jit,
+    "flax_nnx_split": make_flax_nnx_split,
+    "equinox_filter_jit": make_equinox_filter_jit,
+    "equinox_jit": make_equinox_jit,
+    "haiku": make_haiku,
+    "torch_eager": make_torch_eager,
+    "torch_compile": make_torch_compile,
+}
+
+
+# --- timing -------------------------------------------------------------------
+
+def make_peak(n=2048):
+    a = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(2), (n, n), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    sync(dot(a, b))
+
+    def run(k):
+        out = None
+        for _ in range(k):
+            out = dot(a, b)
+        return sync(out)
+
+    return run, 2 * n ** 3
+
+
+def timed(run, n):
+    t0 = time.perf_counter()
+    run(n)
+    return (time.perf_counter() - t0) / n
+
+
+def build(specs, log):
+    """Build and warm up every variant of ``specs`` ({name: (builder, args)})."""
+    runners, skipped = {}, {}
+    for name, (builder, builder_args) in specs.items():
+        try:
+            t0 = time.perf_counter()
+            run = builder(*builder_args)
+            run(2)  # compile + warm-up, not timed
+            log(f"    {name:<20} ready ({time.perf_counter() - t0:.1f} s incl. compile)")
+            runners[name] = run
+        except Skip as e:
+            skipped[name] = str(e)
+            log(f"    {name:<20} skipped: {e}")
+        except Exception as e:  # a peer's API change must not kill the whole benchmark
+            skipped[name] = f"{type(e).__name__}: {e}"
+            log(f"    {name:<20} failed: {type(e).__name__}: {e}")
+            if os.environ.get("PEERS_DEBUG"):
+                traceback.print_exc()
+    return runners, skipped
+
+
+def measure(runners, rounds, target_s, per_call_steps, peak_run, log):
+    """Interleaved rounds; returns {variant: [seconds per step per round]} and peak times."""
+    names = list(runners)
+    t_ref = timed(runners["pure_jax"], 3) * per_call_steps.get("pure_jax", 1)
+    n_inner = max(1, round(target_s / t_ref))
+    times = {k: [] for k in names}
+    peaks = []
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            k = max(1, n_inner // per_call_steps.get(name, 1))
+            times[name].append(timed(runners[name], k) / per_call_steps.get(name, 1))
+        peaks.append(timed(peak_run, 4))
+    log(f"    {rounds} rounds × {n_inner} steps per variant")
+    return times, peaks
+
+
+def summarise(config, widths, batch, times, peak_gflops, skipped):
+    ref = times["pure_jax"]
+    flops = flops_per_step(widths, batch)
+    rows = []
+    for name, ts in times.items():
+        ratios = [t / r for t, r in zip(ts, ref, strict=False)]
+        med = statistics.median(ts)
+        q = np.percentile(ratios, [25, 75])
+        rows.append({
+            "config": config, "variant": name, "widths": widths, "batch": batch,
+            "median_us": med * 1e6, "min_us": min(ts) * 1e6, "max_us": max(ts) * 1e6,
+            "ratio_to_pure_jax": statistics.median(ratios),
+            "ratio_q25": float(q[0]), "ratio_q75": float(q[1]),
+            "gflops": flops / med / 1e9, "fraction_of_peak": flops / med / 1e9 / peak_gflops,
+            "rounds": len(ts),
+        })
+    for name, why in skipped.items():
+        rows.append({"config": config, "variant": name, "skipped": why})
+    return rows
+
+
+def versions():
+    out = {"python": platform.python_version(), "jax": jax.__version__}
+    for mod in ["jaxlib", "optax", "flax", "equinox", "haiku", "torch", "numpy"]:
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:
+            out[mod] = None
+    return out
+
+
+def device_name():
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next(line.split(":", 1)[1].strip() for line in f
+                           if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        return f"CPU: {cpu}, {os.cpu_count()} cores (jax {d.platform})"
+    return f"{d.platform.upper()}: {getattr(d, 'device_kind', str(d))}"
+
+
+def markdown(result):
+    lines = [f"Device: {result['device']}  ",
+             f"Matmul peak (jitted 2048² float32 jnp.dot): {result['peak_gflops']:.0f} GFLOP/s  ",
+             f"jax {result['versions']['jax']}, {result['rounds']} interleaved rounds; ratio = "
+             "median of per-round paired ratios to pure JAX (25–75 % range in brackets).", "",
+             "| config | variant | median step | ratio to pure JAX | GFLOP/s | % of peak |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        if "skipped" in row:
+            lines.append(f"| {row['config']} | {row['variant']} | skipped: {row['skipped'][:60]} "
+                         "| | | |")
+            continue
+        us = row["median_us"]
+        t = f"{us / 1000:.2f} ms" if us >= 1000 else f"{us:.0f} µs"
+        lines.append(f"| {row['config']} | {row['variant']} | {t} | "
+                     f"{row['ratio_to_pure_jax']:.3f} [{row['ratio_q25']:.2f}–"
+                     f"{row['ratio_q75']:.2f}] | {row['gflops']:.1f} | "
+                     f"{100 * row['fraction_of_peak']:.1f} % |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["rows"] if "skipped" not in r]
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 4.5), squeeze=False)
+    for ax, cfg in zip(axes[0], configs, strict=False):
+        rs = [r for r in rows if r["config"] == cfg]
+        names = [r["variant"] for r in rs]
+        med = np.array([r["ratio_to_pure_jax"] for r in rs])
+        err = np.array([[m - r["ratio_q25"], r["ratio_q75"] - m]
+                        for m, r in zip(med, rs, strict=True)]).T
+        colors = ["tab:blue" if n.startswith("jaxnet") else "tab:gray" for n in names]
+        ax.barh(names, med, xerr=np.clip(err, 0, None), color=colors)
+        ax.axvline(1.0, color="k", lw=0.8)
+        ax.invert_yaxis()
+        ax.set_title(cfg)
+        ax.set_xlabel("step time / pure JAX (lower is faster)")
+    fig.suptitle(f"MLP training step, {result['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="3 rounds, short measurements")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--configs", default="small,large,deep,small_epoch")
+    ap.add_argument("--variants", default=",".join(ALL_VARIANTS),
+                    help="comma-separated subset of: " + ",".join(ALL_VARIANTS))
+    ap.add_argument("--skip", default="", help="variants to leave out")
+    ap.add_argument("--target-ms", type=float, default=None,
+                    help="time per measurement (default 100 ms, quick 30 ms)")
+    ap.add_argument("--json", dest="json_path")
+    ap.add_argument("--markdown")
+    ap.add_argument("--plot")
+    args = ap.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 10)
+    target_s = (args.target_ms or (30 if args.quick else 100)) / 1000
+    skip = set(filter(None, args.skip.split(",")))
+    variants = [v for v in args.variants.split(",") if v and v not in skip]
+    if "pure_jax" not in variants:
+        variants.insert(0, "pure_jax")
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    peak_run, peak_flops = make_peak()
+    result = {"device": device_name(), "versions": versions(), "rounds": rounds, "rows": []}
+    log(f"{result['device']}; jax {jax.__version__}")
+    all_peaks = []
+    for config in args.configs.split(","):
+        epoch = config.endswith("_epoch")
+        widths, batch = CONFIGS[config.removesuffix("_epoch")]
+        log(f"== {config}: {'-'.join(map(str, widths))}, batch {batch}")
+        x, y = data(widths, batch)
+        if epoch:
+            xs, ys = (jnp.asarray(a) for a in data(widths, batch, EPOCH_STEPS))
+            specs = {"pure_jax": (make_pure_jax, (widths, x, y)),
+                     "pure_jax_scan": (make_pure_jax_scan, (widths, xs, ys)),
+                     "jaxnet_step": (make_jaxnet("auto"), (widths, x, y)),
+                     "jaxnet_fit_scan": (make_jaxnet_fit_scan, (widths, xs, ys))}
+            runners, skipped = build(specs, log)
+            per_call = {"pure_jax_scan": EPOCH_STEPS, "jaxnet_fit_scan": EPOCH_STEPS}
+        else:
+            runners, skipped = build({v: (BUILDERS[v], (widths, x, y)) for v in variants}, log)
+            per_call = {}
+        if "pure_jax" not in runners:
+            raise SystemExit(f"{config}: pure JAX failed: {skipped.get('pure_jax')}")
+        times, peaks = measure(runners, rounds, target_s, per_call, peak_run, log)
+        all_peaks += peaks
+        result["rows"] += summarise(config, widths, batch, times,
+                                    peak_flops / statistics.median(all_peaks) / 1e9, skipped)
+        del runners
+    peak_gflops = peak_flops / statistics.median(all_peaks) / 1e9
+    for row in result["rows"]:  # one peak for the whole run
+        if "gflops" in row:
+            row["fraction_of_peak"] = row["gflops"] / peak_gflops
+    result["peak_gflops"] = peak_gflops
+    result["peak_gflops_range"] = [peak_flops / max(all_peaks) / 1e9,
+                                   peak_flops / min(all_peaks) / 1e9]
+    md = markdown(result)
+    print(md)
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(md)
+    if args.plot:
+        plot(result, args.plot)
+
+
+if __name__ == "__main__":
+    main()
