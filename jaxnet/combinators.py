@@ -13,8 +13,10 @@ every input, FanInConcat splits it, residual adds the skip path's gradient.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -92,13 +94,34 @@ def _child_kwargs(kwargs: dict, name: str, rng) -> dict:
     return {**kwargs, "rng": rng, "_path": f"{path}/{name}" if path else name}
 
 
-def serial(*layers: Any) -> Layer:
+def _remat_segments(n: int, remat: Any, remat_every: int | None) -> list[tuple[int, int]]:
+    if remat_every is not None and (not isinstance(remat_every, int) or remat_every <= 0):
+        raise ValueError(f"serial: remat_every must be a positive integer, got {remat_every!r}")
+    if not (remat is False or remat is None or remat is True or callable(remat)):
+        raise ValueError(f"serial: remat must be a bool or a jax.checkpoint policy, got {remat!r}")
+    every = remat_every or max(1, math.ceil(math.sqrt(n)))
+    return [(lo, min(lo + every, n)) for lo in range(0, n, every)]
+
+
+def serial(*layers: Any, remat: bool | Callable = False, remat_every: int | None = None) -> Layer:
     """Compose layers in sequence: f = f_L ∘ … ∘ f_1.
 
     Works with jaxnet layers and stax layers alike. ``rng`` passed to apply is
     split into one key per child, as stax does.
+
+    ``remat`` (rematerialisation, for deep nets): apply runs the children in
+    segments of ``remat_every`` children (default ⌈√n⌉), each under
+    ``jax.checkpoint``, so autodiff keeps only each segment's input and
+    recomputes the rest during the backward pass: activation memory drops from
+    O(n) to O(√n) for one extra forward pass. ``remat=True`` saves nothing
+    inside a segment; a ``jax.checkpoint_policies`` policy (e.g.
+    ``dots_saveable``) chooses what to keep. Params and outputs are unchanged.
+    Only ``apply`` (the ``jax.grad`` path) is rematerialised: the manual
+    backward pass (``fwd``/``bwd``) keeps all its residuals.
     """
     ch = _Children(layers, "serial")
+    segments = _remat_segments(len(ch.layers), remat, remat_every)
+    policy = remat if callable(remat) else None
 
     def init(rng, input_shape):
         params = {}
@@ -112,9 +135,18 @@ def serial(*layers: Any) -> Layer:
     def apply(params, inputs, **kwargs):
         ch.check_keys(params)
         rngs = _split_rng(kwargs.pop("rng", None), len(ch.layers))
-        for (name, layer), r in zip(ch.named(), rngs):
-            p = ch.params_of(params, name, layer)
-            inputs = ch.call(name, layer[1], p, inputs, rng=r, **_strip(kwargs))
+        named, plain = ch.named(), _strip(kwargs)
+
+        def run(lo, hi, params, x):
+            for (name, layer), r in zip(named[lo:hi], rngs[lo:hi], strict=True):
+                p = ch.params_of(params, name, layer)
+                x = ch.call(name, layer[1], p, x, rng=r, **plain)
+            return x
+
+        if not remat:
+            return run(0, len(named), params, inputs)
+        for lo, hi in segments:
+            inputs = jax.checkpoint(partial(run, lo, hi), policy=policy)(params, inputs)
         return inputs
 
     def fwd(params, inputs, **kwargs):
@@ -315,13 +347,15 @@ def residual(*layers: Any) -> Layer:
 
 
 def mlp(hidden_widths: Sequence[int], out_dim: int, activation: str = "relu",
-        output_activation: str | None = None) -> Layer:
+        output_activation: str | None = None, *, remat: bool | Callable = False,
+        remat_every: int | None = None) -> Layer:
     """A deep multilayer perceptron.
 
     serial(Dense(h₁), f, Dense(h₂), f, …, Dense(out_dim), g) with f the hidden
     ``activation`` and g the ``output_activation`` (``None`` or ``"identity"``:
     linear outputs, e.g. logits). Its depth is ``len(hidden_widths)``, its
-    width ``max(hidden_widths + [out_dim])``.
+    width ``max(hidden_widths + [out_dim])``. ``remat``/``remat_every``: see
+    :func:`serial` (rematerialise the ``jax.grad`` path of deep nets).
 
     >>> net = mlp([50, 50], 10, "relu", "softmax")
     """
@@ -339,4 +373,4 @@ def mlp(hidden_widths: Sequence[int], out_dim: int, activation: str = "relu",
     layers.append(Dense(out_dim))
     if output_activation not in (None, "identity"):
         layers.append(elementwise(output_activation))
-    return serial(*layers)
+    return serial(*layers, remat=remat, remat_every=remat_every)
