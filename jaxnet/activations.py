@@ -57,8 +57,10 @@ class Activation(NamedTuple):
         that is cheaper (sigmoid: ``y(1 − y)``, tanh: ``1 − y²``); ``None``
         otherwise. The manual backward pass keeps ``y`` instead of ``a`` then.
         For the vector activations: ``(y, g) -> J(y)ᵀ g``.
-      formula: the plain forward formula with no custom rule, the reference
-        that ``jax.grad`` differentiates in the checks.
+      formula: the reference forward formula with no jaxnet rule (``jax.nn``'s
+        function where it has one), which ``jax.grad`` differentiates in the
+        checks. (leaky_relu's is jaxnet's own: ``jax.nn.leaky_relu'(0)`` is 1,
+        jaxnet takes the left slope at the kink, as for relu.)
       monotonic, continuous, differentiable: the properties the seed lists,
         as claimed for this function (relu has a kink at 0).
       elementwise: ``False`` for softmax/log_softmax, which mix a whole axis.
@@ -151,7 +153,7 @@ def sigmoid(a: ArrayLike) -> Array:
 
 
 _register("sigmoid", sigmoid, _sigmoid, sigmoid_derivative, _sigmoid_output_derivative,
-          _sigmoid_formula, output_range="(0, 1)")
+          jax.nn.sigmoid, output_range="(0, 1)")
 
 
 # --- tanh ------------------------------------------------------------------
@@ -220,7 +222,7 @@ def relu(a: ArrayLike) -> Array:
     return _relu(_as_float(a))
 
 
-_register("relu", relu, _relu, relu_derivative, _relu_output_derivative, _relu_formula,
+_register("relu", relu, _relu, relu_derivative, _relu_output_derivative, jax.nn.relu,
           differentiable=False, output_range="[0, inf)")
 
 
@@ -262,14 +264,14 @@ _register("leaky_relu", leaky_relu, _leaky_relu, leaky_relu_derivative, None,
 # --- elu -------------------------------------------------------------------
 
 def _elu_formula(a, alpha=1.0):
-    # expm1 of min(a, 0): the branch not taken never overflows.
-    return jnp.where(a > 0, a, alpha * jnp.expm1(jnp.minimum(a, 0)))
+    # expm1 of the clamped input: the branch not taken never overflows.
+    return jnp.where(a > 0, a, alpha * jnp.expm1(jnp.where(a > 0, 0, a)))
 
 
 def elu_derivative(a: ArrayLike, alpha: float = 1.0) -> Array:
     """elu'(a) = 1 if a > 0 else α·eᵃ."""
     a = _as_float(a)
-    return jnp.where(a > 0, jnp.ones_like(a), alpha * jnp.exp(jnp.minimum(a, 0)))
+    return jnp.where(a > 0, jnp.ones_like(a), alpha * jnp.exp(jnp.where(a > 0, 0, a)))
 
 
 @partial(jax.custom_jvp, nondiff_argnums=(1,))
@@ -291,8 +293,7 @@ def elu(a: ArrayLike, alpha: float = 1.0) -> Array:
     return _elu(_as_float(a), alpha)
 
 
-_register("elu", elu, _elu, elu_derivative, None, _elu_formula,
-          differentiable=False, output_range="(-alpha, inf)")
+_register("elu", elu, _elu, elu_derivative, None, jax.nn.elu, output_range="(-alpha, inf)")
 
 
 # --- gelu ------------------------------------------------------------------
@@ -354,7 +355,7 @@ def gelu(a: ArrayLike, approximate: bool = True) -> Array:
     return _gelu(_as_float(a), approximate)
 
 
-_register("gelu", gelu, _gelu, gelu_derivative, None, _gelu_formula,
+_register("gelu", gelu, _gelu, gelu_derivative, None, jax.nn.gelu,
           monotonic=False, output_range="(-0.17, inf)")
 
 
@@ -378,7 +379,7 @@ def softplus(a: ArrayLike) -> Array:
     return _softplus(_as_float(a))
 
 
-_register("softplus", softplus, _softplus, softplus_derivative, None, _softplus_formula,
+_register("softplus", softplus, _softplus, softplus_derivative, None, jax.nn.softplus,
           output_range="(0, inf)")
 
 
@@ -403,7 +404,7 @@ def silu(a: ArrayLike) -> Array:
     return _silu(_as_float(a))
 
 
-_register("silu", silu, _silu, silu_derivative, None, _silu_formula, monotonic=False,
+_register("silu", silu, _silu, silu_derivative, None, jax.nn.silu, monotonic=False,
           output_range="(-0.28, inf)")
 
 
@@ -517,10 +518,10 @@ def log_softmax(a: ArrayLike, axis: int | tuple[int, ...] = -1) -> Array:
     return _log_softmax(_as_float(a), axis)
 
 
-_register("softmax", softmax, _softmax, softmax_derivative, softmax_jvp, _softmax_formula,
+_register("softmax", softmax, _softmax, softmax_derivative, softmax_jvp, jax.nn.softmax,
           monotonic=False, elementwise=False, output_range="(0, 1)")
 _register("log_softmax", log_softmax, _log_softmax, log_softmax_derivative, log_softmax_vjp,
-          _log_softmax_formula, monotonic=False, elementwise=False,
+          jax.nn.log_softmax, monotonic=False, elementwise=False,
           output_range="(-inf, 0)")
 
 

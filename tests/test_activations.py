@@ -1,0 +1,207 @@
+"""Activations: values, hand-written derivatives, transformations, numerics."""
+
+import chex
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+import jaxnet
+from jaxnet import activations as acts
+
+ELEMENTWISE = [n for n, a in acts.ACTIVATIONS.items() if a.elementwise]
+VECTOR = [n for n, a in acts.ACTIVATIONS.items() if not a.elementwise]
+ALL = list(acts.ACTIVATIONS)
+DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64]
+
+# Tolerances: two correct evaluations of one formula in a dtype differ by a few
+# units in the last place (ulp): float16's ulp is 2⁻¹⁰ ≈ 1e-3, bfloat16's
+# 2⁻⁷ ≈ 8e-3, float32's 2⁻²³ ≈ 1e-7, float64's 2⁻⁵² ≈ 2e-16. rtol is ~10 ulp;
+# atol covers results that cancel to about 0.
+TOL = {
+    jnp.dtype(jnp.float16): dict(rtol=1e-2, atol=2e-3),
+    jnp.dtype(jnp.bfloat16): dict(rtol=6e-2, atol=1.6e-2),
+    jnp.dtype(jnp.float32): dict(rtol=1e-5, atol=1e-6),
+    jnp.dtype(jnp.float64): dict(rtol=1e-12, atol=1e-14),
+}
+JAX_NN = {
+    "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu,
+    "leaky_relu": jax.nn.leaky_relu, "elu": jax.nn.elu, "gelu": jax.nn.gelu,
+    "softplus": jax.nn.softplus, "silu": jax.nn.silu, "identity": lambda a: a,
+    "softmax": jax.nn.softmax, "log_softmax": jax.nn.log_softmax,
+}
+EXTREMES = np.array([-3e4, -1e4, -1e3, -100, -50, -10, -1, -1e-7, 0, 1e-7, 1, 10, 50, 100,
+                     1e3, 1e4, 3e4])
+
+
+def fn(name):
+    return acts.get(name).fn
+
+
+def assert_close(got, want, dtype):
+    np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                               **TOL[jnp.dtype(dtype)])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ALL)
+def test_value_equals_plain_formula(name, dtype):
+    x = jnp.asarray(np.linspace(-8, 8, 161).reshape(7, 23), dtype)
+    assert_close(fn(name)(x), JAX_NN[name](x), dtype)
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_first_derivative_equals_grad_of_formula(name):
+    x = jnp.asarray(np.concatenate([np.linspace(-10, 10, 401), EXTREMES]))
+    hand = jax.vmap(fn(name).derivative)(x)
+    via_rule = jax.vmap(jax.grad(fn(name)))(x)
+    reference = jax.vmap(jax.grad(acts.get(name).formula))(x)
+    chex.assert_trees_all_close(hand, reference, rtol=1e-9, atol=1e-12)
+    # The rule may use the output form (tanh: 1 − y²) of the same derivative.
+    chex.assert_trees_all_close(via_rule, hand, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", VECTOR)
+def test_vector_derivative_is_a_jvp_equal_to_jax(name):
+    rng = np.random.default_rng(1)
+    a, t = jnp.asarray(rng.normal(size=(5, 9)) * 4), jnp.asarray(rng.normal(size=(5, 9)))
+    _, want = jax.jvp(JAX_NN[name], (a,), (t,))
+    _, got = jax.jvp(fn(name), (a,), (t,))
+    chex.assert_trees_all_close(fn(name).derivative(a, t), want, rtol=1e-10, atol=1e-13)
+    chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-13)
+    g_want = jax.grad(lambda v: jnp.sum(JAX_NN[name](v) * t))(a)
+    g_got = jax.grad(lambda v: jnp.sum(fn(name)(v) * t))(a)
+    chex.assert_trees_all_close(g_got, g_want, rtol=1e-10, atol=1e-13)
+
+
+# Points away from the kinks at 0, where second derivatives exist.
+SMOOTH = np.array([-3.1, -1.3, -0.4, 0.25, 0.9, 2.2, 4.7])
+
+
+@pytest.mark.parametrize("name", ELEMENTWISE)
+def test_second_derivative_through_the_custom_rule(name):
+    x = jnp.asarray(SMOOTH)
+    second = jax.vmap(jax.grad(jax.grad(fn(name))))(x)  # reverse over the custom jvp
+    fwd_rev = jax.vmap(jax.jacfwd(jax.grad(fn(name))))(x)  # forward over reverse
+    want = jax.vmap(jax.grad(jax.grad(acts.get(name).formula)))(x)
+    chex.assert_trees_all_close(second, want, rtol=1e-8, atol=1e-12)
+    chex.assert_trees_all_close(fwd_rev, want, rtol=1e-8, atol=1e-12)
+
+
+def test_hessian_of_softmax_matches_jax():
+    a = jnp.array([0.3, -1.2, 2.0, 0.5])
+    want = jax.hessian(lambda v: jax.nn.softmax(v)[1])(a)
+    chex.assert_trees_all_close(jax.hessian(lambda v: jaxnet.softmax(v)[1])(a), want,
+                                rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_check_grads_orders_one_and_two(name):
+    x = jnp.asarray(SMOOTH.reshape(1, -1) if name in VECTOR else SMOOTH)
+    check_grads(fn(name), (x,), order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_jit_vmap_jvp(name):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 5)))
+    f = fn(name)
+    chex.assert_trees_all_close(jax.jit(f)(x), f(x), rtol=1e-12)
+    chex.assert_trees_all_close(jax.vmap(f)(x), f(x), rtol=1e-12)
+    y, t = jax.jvp(f, (x,), (jnp.ones_like(x),))
+    chex.assert_trees_all_close(y, f(x), rtol=1e-12)
+    chex.assert_shape(t, x.shape)
+
+
+class TestVariants(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_grad_of_sum_is_the_derivative(self):
+        x = jnp.linspace(-5.0, 5.0, 41)
+        for name in ELEMENTWISE:
+            g = self.variant(jax.grad(lambda v, f=fn(name): jnp.sum(f(v))))(x)
+            chex.assert_trees_all_close(g, fn(name).derivative(x), rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), name=st.sampled_from(ALL), dtype=st.sampled_from(DTYPES))
+def test_finite_and_dtype_preserving_for_any_finite_input(data, name, dtype):
+    info = jnp.finfo(dtype)
+    shape = data.draw(hnp.array_shapes(min_dims=1, max_dims=3, max_side=6))
+    values = st.one_of(
+        st.floats(-float(info.max), float(info.max), allow_nan=False, allow_infinity=False,
+                  width=32 if dtype != jnp.float64 else 64),
+        st.sampled_from(list(EXTREMES)))
+    x64 = data.draw(hnp.arrays(np.float64, shape, elements=values))
+    x = jnp.asarray(np.clip(x64, float(info.min), float(info.max)), dtype)
+    y = fn(name)(x)
+    g = jax.grad(lambda v: jnp.sum(fn(name)(v)).astype(jnp.float32))(x)
+    assert y.dtype == x.dtype and g.dtype == x.dtype
+    assert bool(jnp.all(jnp.isfinite(y))), (name, x, y)
+    assert bool(jnp.all(jnp.isfinite(g))), (name, x, g)
+    if name in ELEMENTWISE:
+        d = fn(name).derivative(x)
+        assert d.dtype == x.dtype and bool(jnp.all(jnp.isfinite(d))), (name, x, d)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_issue_extremes(dtype):
+    s = jaxnet.sigmoid(jnp.array([-1e4, 1e4], dtype))
+    np.testing.assert_array_equal(np.asarray(s, np.float64), [0.0, 1.0])
+    sm = jaxnet.softmax(jnp.array([1000, 0, -1000], dtype))
+    np.testing.assert_array_equal(np.asarray(sm, np.float64), [1.0, 0.0, 0.0])
+    d = jaxnet.tanh.derivative(jnp.array([-1e4, -30, 30, 1e4], dtype))
+    assert bool(jnp.all(jnp.isfinite(d))) and bool(jnp.all(d >= 0)) and d.dtype == dtype
+    ls = jaxnet.log_softmax(jnp.array([1000, 0, -1000], dtype))
+    assert bool(jnp.all(jnp.isfinite(ls)))
+
+
+def test_seed_softmax_example():
+    y = jaxnet.softmax(jnp.array([-0.21, 0.47, 1.72]))
+    np.testing.assert_allclose(y, [0.1, 0.2, 0.7], atol=0.005)
+    assert float(jnp.sum(y)) == pytest.approx(1.0)
+
+
+def test_relu_derivative_at_zero_is_zero():
+    assert float(jaxnet.relu.derivative(0.0)) == 0.0
+    assert float(jax.grad(jaxnet.relu)(0.0)) == 0.0
+    assert float(jax.grad(jaxnet.relu)(1e-30)) == 1.0
+
+
+def test_tanh_derivative_is_the_seed_formula():
+    a = jnp.linspace(-3.0, 3.0, 13)
+    seed = 4 / (jnp.exp(a) + jnp.exp(-a)) ** 2
+    chex.assert_trees_all_close(jaxnet.tanh.derivative(a), seed, rtol=1e-13)
+
+
+def test_softmax_jvp_never_builds_the_jacobian():
+    n = 512
+    jaxpr = jax.make_jaxpr(lambda a, t: jax.jvp(jaxnet.softmax, (a,), (t,)))(
+        jnp.zeros(n), jnp.zeros(n))
+    jaxpr_grad = jax.make_jaxpr(jax.grad(lambda a: jaxnet.softmax(a)[0]))(jnp.zeros(n))
+    for jp in (jaxpr, jaxpr_grad):
+        shapes = [v.aval.shape for eqn in jp.eqns for v in eqn.outvars]
+        assert (n, n) not in shapes
+
+
+def test_parameters_of_leaky_relu_elu_gelu():
+    x = jnp.linspace(-3.0, 3.0, 31)
+    chex.assert_trees_all_close(jaxnet.leaky_relu(x, 0.2), jax.nn.leaky_relu(x, 0.2))
+    chex.assert_trees_all_close(jaxnet.elu(x, 0.5), jax.nn.elu(x, 0.5))
+    chex.assert_trees_all_close(jaxnet.gelu(x, approximate=False), jax.nn.gelu(x, False),
+                                rtol=1e-12)
+    g = jax.vmap(jax.grad(lambda v: jaxnet.gelu(v, False)))(x)
+    chex.assert_trees_all_close(g, jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, False)))(x),
+                                rtol=1e-10)
+    assert float(jax.grad(jaxnet.leaky_relu)(0.0)) == pytest.approx(0.01)
+
+
+def test_integer_input_becomes_float():
+    assert jnp.issubdtype(jaxnet.relu(jnp.arange(3)).dtype, jnp.floating)
+
+
+def test_unknown_activation_name():
+    with pytest.raises(ValueError, match="unknown activation 'swishy'"):
+        acts.get("swishy")
