@@ -4,13 +4,47 @@ The public surface is re-exported here; see each module for the math.
 """
 
 from . import activations, losses
-from .activations import (ACTIVATIONS, elu, gelu, identity, leaky_relu, log_softmax, relu,
-                          sigmoid, silu, softmax, softplus, tanh)
+from .activations import (
+                          ACTIVATIONS,
+                          elu,
+                          gelu,
+                          identity,
+                          leaky_relu,
+                          log_softmax,
+                          relu,
+                          sigmoid,
+                          silu,
+                          softmax,
+                          softplus,
+                          tanh,
+)
+from .checks import ActivationCheckError, ActivationReport, check_activation
+from .collapse import collapse_linear
 from .combinators import FanInConcat, FanInSum, FanOut, mlp, parallel, residual, serial
-from .layers import (Activation, Dense, Dropout, Elu, Flatten, Gelu, Identity, Layer, LayerNorm,
-                     LeakyRelu, LogSoftmax, NoBackwardRuleError, Relu, ShapeError, Sigmoid,
-                     Silu, Softmax, Softplus, Tanh, elementwise)
+from .layers import (
+                          Activation,
+                          Dense,
+                          Dropout,
+                          Elu,
+                          Flatten,
+                          Gelu,
+                          Identity,
+                          Layer,
+                          LayerNorm,
+                          LeakyRelu,
+                          LogSoftmax,
+                          NoBackwardRuleError,
+                          Relu,
+                          ShapeError,
+                          Sigmoid,
+                          Silu,
+                          Softmax,
+                          Softplus,
+                          Tanh,
+                          elementwise,
+)
 from .losses import accuracy, cross_entropy, l2_loss, softmax_cross_entropy
+from .summary import Summary, summary
 
 __version__ = "0.1.0"
 
@@ -24,6 +58,9 @@ __all__ = [
     "Softmax", "LogSoftmax", "Flatten", "Dropout", "LayerNorm",
     # combinators
     "serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "residual", "mlp",
+    # inspection
+    "summary", "Summary", "collapse_linear", "check_activation", "ActivationReport",
+    "ActivationCheckError",
     # losses and metrics
     "softmax_cross_entropy", "cross_entropy", "l2_loss", "accuracy",
     # modules

@@ -16,8 +16,9 @@ in float16, bfloat16, float32 and float64, and returns the input's dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -400,7 +401,10 @@ _silu = _elementwise(_silu_formula, silu_derivative)
 
 
 def silu(a: ArrayLike) -> Array:
-    """Sigmoid linear unit (swish) silu(a) = a·σ(a). Not monotonic (minimum ≈ −0.28 at a ≈ −1.28)."""
+    """Sigmoid linear unit (swish) silu(a) = a·σ(a).
+
+    Derivative (hand-written): σ(a)(1 + a(1 − σ(a))). Not monotonic: minimum ≈ −0.28 at a ≈ −1.28.
+    """
     return _silu(_as_float(a))
 
 

@@ -28,8 +28,8 @@ Vector activations (softmax, log-softmax) take a derivative as a JVP
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -90,7 +90,7 @@ class ActivationReport:
                 f"  max rel {c.max_rel_err:9.2e}  {c.detail}" for c in self.checks]
         return "\n".join([head, *rows])
 
-    def raise_if_failed(self) -> "ActivationReport":
+    def raise_if_failed(self) -> ActivationReport:
         if not self.passed:
             raise ActivationCheckError(str(self))
         return self
@@ -102,13 +102,14 @@ def _compare(name, got, want, rtol, atol, mask=None, detail="") -> CheckResult:
         got, want = got[mask], want[mask]
     if got.size == 0:
         return CheckResult(name, True, 0.0, 0.0, detail or "no points")
-    abs_err = np.abs(got - want)
-    rel_err = abs_err / np.maximum(np.abs(want), np.finfo(np.float64).tiny)
+    with np.errstate(over="ignore", invalid="ignore"):
+        abs_err = np.abs(got - want)
+        rel_err = abs_err / np.maximum(np.abs(want), np.finfo(np.float64).tiny)
     ok = bool(np.all(np.isfinite(got)) and np.all(abs_err <= atol + rtol * np.abs(want)))
     worst = int(np.argmax(abs_err - rtol * np.abs(want)))
     if not ok:
-        detail = (detail + " " if detail else "") + f"worst at index {worst}: got {got[worst]:.6g}, "
-        detail += f"want {want[worst]:.6g}"
+        detail = (detail + " " if detail else "") + f"worst at index {worst}: "
+        detail += f"got {got[worst]:.6g}, want {want[worst]:.6g}"
     return CheckResult(name, ok, float(abs_err.max()), float(np.max(np.where(
         abs_err <= atol, 0.0, rel_err))), detail)
 

@@ -15,15 +15,25 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from . import activations as acts
-from .layers import (Dense, Layer, Params, ShapeError, empty_params, elementwise, label_of,
-                     layer_bwd, layer_fwd, _strip)
+from .layers import (
+    Dense,
+    Layer,
+    Params,
+    ShapeError,
+    _strip,
+    elementwise,
+    empty_params,
+    layer_bwd,
+    layer_fwd,
+)
 
 __all__ = ["serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "residual", "mlp"]
 

@@ -23,7 +23,8 @@ Parameters are plain dicts of arrays; parameter-free layers have ``{}``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,7 @@ class ShapeError(ValueError):
     def __str__(self) -> str:
         return f"{'/'.join(self.path)}: {self.message}" if self.path else self.message
 
-    def within(self, name: str) -> "ShapeError":
+    def within(self, name: str) -> ShapeError:
         return ShapeError(self.message, (name,) + self.path)
 
 
@@ -98,7 +99,7 @@ class Layer(tuple):
     label: str
     fwd: Callable | None
     bwd: Callable | None
-    children: tuple[tuple[str, "Layer"], ...]
+    children: tuple[tuple[str, Layer], ...]
     config: dict
 
     def __new__(cls, init: Callable, apply: Callable, *, kind: str, label: str | None = None,
@@ -301,7 +302,8 @@ LogSoftmax = elementwise("log_softmax")
 
 def _flatten_init(rng, input_shape):
     if len(input_shape) < 1:
-        raise ShapeError(f"Flatten needs a batch axis, got a scalar input shape {tuple(input_shape)}")
+        raise ShapeError("Flatten needs a batch axis, got a scalar input shape "
+                         f"{tuple(input_shape)}")
     return (input_shape[0], math.prod(input_shape[1:])), {}
 
 
@@ -398,8 +400,8 @@ def LayerNorm(epsilon: float = 1e-5, scale_init: Initializer = initializers.ones
 
     def normalise(params, x):
         if x.ndim < 1 or x.shape[-1] != params["scale"].shape[0]:
-            raise ShapeError(f"LayerNorm expects inputs of shape (..., {params['scale'].shape[0]}), "
-                             f"got {tuple(x.shape)}")
+            d = params["scale"].shape[0]
+            raise ShapeError(f"LayerNorm expects inputs of shape (..., {d}), got {tuple(x.shape)}")
         mean = jnp.mean(x, -1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
         s = jax.lax.rsqrt(var + epsilon)

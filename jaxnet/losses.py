@@ -16,7 +16,7 @@ one-hot rows of shape (N, C).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
