@@ -1,0 +1,478 @@
+"""Training: a state pytree, jit-compiled steps and epochs, and ``fit``.
+
+The pieces, from small to large:
+
+- :class:`TrainState`: everything training changes, as one pytree
+  (params, optimizer state, step count, PRNG key); :func:`init_state` makes one.
+- :func:`make_train_step`: one optimizer step on one batch,
+  ``step(state, inputs, targets) -> (state, loss)``, compiled with
+  ``jax.jit`` and the state's buffers donated. Drop it into any loop.
+- :func:`make_epoch`: a whole epoch of steps over pre-batched data
+  ``(num_batches, batch, ...)`` as one ``lax.scan`` in one compiled call.
+- :func:`make_eval_step`: loss and metrics of params on a data set.
+- :func:`fit`: epochs with per-epoch shuffling, validation metrics, early
+  stopping with patience (restoring the best params), NaN detection,
+  Ctrl-C handling and a history; resumable from a :class:`FitProgress`.
+
+Randomness is explicit: the state's key is split once per epoch for the
+shuffle, and the step's dropout key is ``fold_in(key, step)``, so a run is a
+function of its initial key (and resuming from a checkpoint replays it
+bit for bit).
+
+All compiled functions are built from plain functions by :func:`_compile`,
+the one place where ``jax.jit`` (and its donation) is applied.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from . import losses as _losses
+
+Array = jax.Array
+Params = Any
+Loss = Callable[[Array, Array], Array]
+
+__all__ = ["TrainState", "FitProgress", "FitResult", "init_state", "make_train_step",
+           "make_epoch", "make_eval_step", "evaluate", "fit", "make_optimizer", "OPTIMIZERS",
+           "SCHEDULES"]
+
+
+class TrainState(NamedTuple):
+    """Everything one training step changes (a pytree).
+
+    Attributes:
+      params: the network's parameters.
+      opt_state: the optax optimizer's state.
+      step: int32 scalar, the number of steps taken.
+      key: uint32[2] raw PRNG key; split once per epoch for shuffling, and
+        ``fold_in(key, step)`` gives each step's dropout key.
+    """
+
+    params: Params
+    opt_state: optax.OptState
+    step: Array
+    key: Array
+
+
+def _raw_key(key: Any) -> Array:
+    if isinstance(key, (int, np.integer)):
+        return jax.random.PRNGKey(int(key))
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key)
+    if key.dtype != jnp.uint32 or key.shape != (2,):
+        raise ValueError(f"expected a PRNG key (jax.random.key(seed), a uint32[2] raw key or an "
+                         f"int seed), got an array of dtype {key.dtype} and shape {key.shape}")
+    return key
+
+
+def init_state(net: Any, optimizer: optax.GradientTransformation, key: Any,
+               input_shape: Sequence[int]) -> TrainState:
+    """A fresh :class:`TrainState`: params from ``net``'s init, the optimizer's initial state.
+
+    ``key`` is a PRNG key (typed or raw) or an int seed; it is split into the
+    init key and the state's key. ``input_shape`` includes the batch axis,
+    e.g. ``(-1, 64)``.
+    """
+    _check_optimizer(optimizer)
+    init_key, key = jax.random.split(_raw_key(key))
+    _, params = net[0](init_key, tuple(input_shape))
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+
+
+def _check_optimizer(optimizer: Any) -> None:
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"expected an optax GradientTransformation (with init and update), got "
+                        f"{optimizer!r}")
+
+
+def _value_and_grad(net: Any, loss: Loss, grad: str) -> Callable:
+    """``f(params, inputs, targets, *, rng, mode) -> (loss, grads)`` by jax.grad or by hand."""
+    if grad == "auto":
+        def objective(params, inputs, targets, *, rng=None, mode=None):
+            return loss(net[1](params, inputs, rng=rng, mode=mode), targets)
+
+        return jax.value_and_grad(objective)
+    if grad == "manual":
+        from .backprop import manual_value_and_grad
+
+        return manual_value_and_grad(net, loss)
+    raise ValueError(f"grad must be 'auto' (jax.grad) or 'manual' (jaxnet's hand-written "
+                     f"backward pass), got {grad!r}")
+
+
+def train_step_fn(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
+                  grad: str = "auto") -> Callable[[TrainState, Array, Array],
+                                                   tuple[TrainState, Array]]:
+    """The plain (uncompiled) training step; :func:`make_train_step` compiles it.
+
+    One step: (L, g) = value_and_grad(params) on the batch, with the layers in
+    ``mode="train"`` and ``rng = fold_in(key, step)``; then
+    (u, s') = optimizer.update(g, s, params), params' = params + u.
+    """
+    _check_optimizer(optimizer)
+    value_and_grad = _value_and_grad(net, loss, grad)
+
+    def step(state: TrainState, inputs: Array, targets: Array) -> tuple[TrainState, Array]:
+        rng = jax.random.fold_in(state.key, state.step)
+        value, grads = value_and_grad(state.params, inputs, targets, rng=rng, mode="train")
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return TrainState(params, opt_state, state.step + 1, state.key), value
+
+    return step
+
+
+def _compile(fn: Callable, *, donate_state: bool = True) -> Callable:
+    """``jax.jit`` with the state (argument 0) donated: the one place jaxnet compiles a step."""
+    return jax.jit(fn, donate_argnums=(0,) if donate_state else ())
+
+
+def make_train_step(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
+                    grad: str = "auto", *, jit: bool = True,
+                    donate: bool = True) -> Callable[[TrainState, Array, Array],
+                                                     tuple[TrainState, Array]]:
+    """A compiled training step ``step(state, inputs, targets) -> (state, loss)``.
+
+    **Arguments**
+
+    - ``net``: a layer ``(init, apply)``; ``loss``: ``loss(outputs, targets) ->
+      scalar`` (e.g. :func:`jaxnet.softmax_cross_entropy`).
+    - ``optimizer``: any optax ``GradientTransformation``.
+    - ``grad``: ``"auto"`` (``jax.value_and_grad``) or ``"manual"``
+      (:func:`jaxnet.manual_value_and_grad`, the hand-written backward pass).
+    - ``jit``: compile with ``jax.jit`` (``False`` returns the plain function).
+    - ``donate``: donate the input state's buffers, so the step updates them
+      in place; the state passed in must not be used afterwards.
+
+    Shapes: inputs (batch, features...), targets (batch,) labels or (batch, k).
+    Compiles once per input shape/dtype.
+    """
+    fn = train_step_fn(net, loss, optimizer, grad)
+    return _compile(fn, donate_state=donate) if jit else fn
+
+
+def epoch_fn(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
+             grad: str = "auto") -> Callable[[TrainState, Array, Array], tuple[TrainState, Array]]:
+    """The plain epoch: ``lax.scan`` of the step over batches (num_batches, batch, ...)."""
+    step = train_step_fn(net, loss, optimizer, grad)
+
+    def epoch(state: TrainState, xs: Array, ys: Array) -> tuple[TrainState, Array]:
+        return jax.lax.scan(lambda s, b: step(s, *b), state, (xs, ys))
+
+    return epoch
+
+
+def make_epoch(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
+               grad: str = "auto", *, jit: bool = True,
+               donate: bool = True) -> Callable[[TrainState, Array, Array],
+                                                tuple[TrainState, Array]]:
+    """A compiled epoch ``epoch(state, xs, ys) -> (state, losses)``: all steps in one call.
+
+    ``xs`` has shape (num_batches, batch, features...), ``ys`` (num_batches,
+    batch, ...); the steps run in order in one ``lax.scan``; ``losses`` has
+    shape (num_batches,). Arguments as :func:`make_train_step`.
+    """
+    fn = epoch_fn(net, loss, optimizer, grad)
+    return _compile(fn, donate_state=donate) if jit else fn
+
+
+def _shuffled_batches(key: Array, x: Array, y: Array, batch_size: int):
+    """Split the key, permute the rows, cut ``n // batch_size`` full batches (the rest is
+    dropped this epoch; a different rest each epoch)."""
+    key, perm_key = jax.random.split(key)
+    num_batches = x.shape[0] // batch_size
+    perm = jax.random.permutation(perm_key, x.shape[0])[: num_batches * batch_size]
+    xs = x[perm].reshape(num_batches, batch_size, *x.shape[1:])
+    ys = y[perm].reshape(num_batches, batch_size, *y.shape[1:])
+    return key, xs, ys
+
+
+def make_eval_step(net: Any, loss: Loss, metrics: Mapping[str, Callable] | None = None, *,
+                   jit: bool = True) -> Callable[[Params, Array, Array], dict[str, Array]]:
+    """``evaluate(params, inputs, targets) -> {"loss": L, name: metric, ...}``.
+
+    The net runs with ``mode="eval"`` (dropout off). ``metrics`` maps names to
+    ``metric(outputs, targets) -> scalar`` (e.g. ``{"accuracy": jaxnet.accuracy}``).
+    """
+    metrics = dict(metrics or {})
+
+    def eval_step(params, inputs, targets):
+        outputs = net[1](params, inputs, mode="eval")
+        out = {"loss": loss(outputs, targets)}
+        out.update({name: m(outputs, targets) for name, m in metrics.items()})
+        return out
+
+    return jax.jit(eval_step) if jit else eval_step
+
+
+def evaluate(eval_step: Callable, params: Params, inputs: Array, targets: Array,
+             batch_size: int | None = None) -> dict[str, float]:
+    """Run ``eval_step`` over a data set (in chunks of ``batch_size`` rows if given) and
+    return the row-weighted mean of each value as Python floats."""
+    n = inputs.shape[0]
+    if n == 0:
+        return {}
+    size = n if batch_size is None else batch_size
+    totals: dict[str, Array] = {}
+    for start in range(0, n, size):
+        out = eval_step(params, inputs[start:start + size], targets[start:start + size])
+        rows = min(size, n - start)
+        for k, v in out.items():
+            totals[k] = totals.get(k, 0.0) + v * rows
+    return {k: float(v) / n for k, v in totals.items()}
+
+
+# --- fit -------------------------------------------------------------------------
+
+class FitProgress(NamedTuple):
+    """Where :func:`fit` stands after a completed epoch: what a checkpoint stores.
+
+    Attributes:
+      state: the :class:`TrainState` after ``epoch`` epochs.
+      epoch: number of completed epochs.
+      history: per-epoch lists (see :func:`fit`).
+      best_params: params of the epoch with the lowest validation loss (``None``
+        without validation data).
+      best_val_loss: that loss (``inf`` before the first validation).
+      best_epoch: that epoch (1-based; 0 before the first validation).
+      bad_epochs: epochs since the validation loss last improved.
+    """
+
+    state: TrainState
+    epoch: int
+    history: dict[str, list[float]]
+    best_params: Params | None
+    best_val_loss: float
+    best_epoch: int
+    bad_epochs: int
+
+
+class FitResult(NamedTuple):
+    """What :func:`fit` returns.
+
+    Attributes:
+      state: the final state; with early stopping its params are the best epoch's.
+      history: per-epoch lists: ``epoch``, ``batch_loss`` (mean loss of the
+        epoch's steps), ``train_loss`` and each ``train_<metric>`` (after the
+        epoch, whole training set), ``val_loss`` and ``val_<metric>`` (with
+        validation data), ``seconds`` (wall time of the epoch).
+      stop_reason: ``"epochs"``, ``"early_stopping"``, ``"nan"`` (a step's loss
+        was not finite: state and progress are the last good epoch's) or
+        ``"interrupted"`` (KeyboardInterrupt: the last completed epoch's).
+      epochs_run: completed epochs (including those before a resume).
+      best_epoch: epoch of the best validation loss (``None`` without validation).
+      nan_at: ``(epoch, step)`` where the loss first was NaN or infinite, 1-based.
+      progress: the resumable :class:`FitProgress` at the last completed epoch.
+    """
+
+    state: TrainState
+    history: dict[str, list[float]]
+    stop_reason: str
+    epochs_run: int
+    best_epoch: int | None
+    nan_at: tuple[int, int] | None
+    progress: FitProgress
+
+
+def _copy(tree: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.copy, tree)
+
+
+def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
+        start: TrainState | FitProgress, train: tuple[Any, Any], val: tuple[Any, Any] | None = None,
+        *, epochs: int = 10, batch_size: int | None = 32, patience: int | None = None,
+        min_delta: float = 0.0, grad: str = "auto", scan_epoch: bool = False,
+        metrics: Mapping[str, Callable] | None = None, eval_batch_size: int | None = None,
+        progress: bool = False, on_epoch_end: Callable[[FitProgress], None] | None = None,
+        ) -> FitResult:
+    """Train for up to ``epochs`` epochs and return the state, history and why it stopped.
+
+    **Arguments**
+
+    - ``net``, ``loss``, ``optimizer``, ``grad``: as :func:`make_train_step`.
+    - ``start``: a fresh :class:`TrainState` (:func:`init_state`), or a
+      :class:`FitProgress` (from a checkpoint) to continue from; ``epochs`` is
+      the total, so a resumed run ends where the uninterrupted one would.
+    - ``train``, ``val``: ``(inputs, targets)`` arrays (numpy or jax).
+    - ``batch_size``: rows per step (``None``: the whole training set). Each
+      epoch shuffles the rows with a key split from the state's key and takes
+      ``n // batch_size`` full batches.
+    - ``patience``: stop after this many epochs without a validation loss
+      below the best by more than ``min_delta``; the returned state then has
+      the best epoch's params (whether or not the run stopped early).
+    - ``scan_epoch``: run each epoch (shuffle and all steps) as one
+      ``lax.scan`` in one compiled call, instead of a Python loop of compiled
+      steps. Both give the same params (up to float rounding of fused code).
+    - ``metrics``: ``{name: metric(outputs, targets)}`` evaluated per epoch;
+      default ``{"accuracy": jaxnet.accuracy}``; ``{}`` for none.
+    - ``progress``: show a tqdm bar over epochs (only on a terminal).
+    - ``on_epoch_end``: called with the :class:`FitProgress` after each epoch
+      (e.g. to save a checkpoint or print metrics); its state is a copy, safe
+      to keep.
+
+    Compiles the step (or epoch) and the evaluation once, in the first epoch.
+    A ``KeyboardInterrupt`` ends the run with ``stop_reason="interrupted"``
+    and the last completed epoch.
+    """
+    _check_optimizer(optimizer)
+    if not isinstance(epochs, int) or epochs < 0:
+        raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
+    if patience is not None and (not isinstance(patience, int) or patience < 1):
+        raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+    x, y = (jnp.asarray(a) for a in train)
+    if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"training data needs rows and as many targets as inputs, got "
+                         f"{x.shape[0]} inputs and {y.shape[0]} targets")
+    n = x.shape[0]
+    batch = n if batch_size is None else batch_size
+    if not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if batch > n:
+        raise ValueError(f"batch_size {batch} is larger than the {n} training rows")
+    has_val = val is not None and np.shape(val[0])[0] > 0
+    if patience is not None and not has_val:
+        raise ValueError("early stopping (patience) needs validation data")
+    if has_val:
+        xv, yv = (jnp.asarray(a) for a in val)
+    metrics = {"accuracy": _losses.accuracy} if metrics is None else dict(metrics)
+    eval_step = make_eval_step(net, loss, metrics)
+    steps_per_epoch = n // batch
+
+    if scan_epoch:
+        epoch_body = epoch_fn(net, loss, optimizer, grad)
+
+        def shuffled_epoch(state, x, y):
+            key, xs, ys = _shuffled_batches(state.key, x, y, batch)
+            return epoch_body(state._replace(key=key), xs, ys)
+
+        run_epoch = _compile(shuffled_epoch)
+    else:
+        step = make_train_step(net, loss, optimizer, grad)
+        shuffle = jax.jit(_shuffled_batches, static_argnums=3)
+
+        def run_epoch(state, x, y):
+            key, xs, ys = shuffle(state.key, x, y, batch)
+            state = state._replace(key=key)
+            losses = []
+            for xb, yb in zip(xs, ys):
+                state, value = step(state, xb, yb)
+                losses.append(value)
+            return state, jnp.stack(losses)
+
+    if isinstance(start, FitProgress):
+        good = start
+    else:
+        good = FitProgress(start, 0, {}, None, math.inf, 0, 0)
+    state = _copy(good.state)
+    history = {k: list(v) for k, v in good.history.items()}
+    stop_reason, nan_at = "epochs", None
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs, initial=min(good.epoch, epochs), unit="epoch", disable=None,
+                   leave=False)
+    try:
+        done = patience is not None and good.bad_epochs >= patience
+        for epoch in range(good.epoch + 1, 0 if done else epochs + 1):
+            t0 = time.perf_counter()
+            state, step_losses = run_epoch(state, x, y)
+            step_losses = np.asarray(step_losses)
+            if not np.all(np.isfinite(step_losses)):
+                i = int(np.argmax(~np.isfinite(step_losses)))
+                nan_at, stop_reason = (epoch, (epoch - 1) * steps_per_epoch + i + 1), "nan"
+                break
+            record = {"epoch": epoch, "batch_loss": float(np.mean(step_losses))}
+            record.update({f"train_{k}": v for k, v in
+                           evaluate(eval_step, state.params, x, y, eval_batch_size).items()})
+            best = (good.best_params, good.best_val_loss, good.best_epoch, good.bad_epochs)
+            if has_val:
+                scores = evaluate(eval_step, state.params, xv, yv, eval_batch_size)
+                record.update({f"val_{k}": v for k, v in scores.items()})
+                if scores["loss"] < good.best_val_loss - min_delta:
+                    best = (_copy(state.params), scores["loss"], epoch, 0)
+                else:
+                    best = best[:3] + (best[3] + 1,)
+            record["seconds"] = time.perf_counter() - t0
+            for k, v in record.items():
+                history.setdefault(k, []).append(v)
+            good = FitProgress(_copy(state), epoch, {k: list(v) for k, v in history.items()},
+                               *best)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items()
+                                 if k in ("train_loss", "val_loss", "val_accuracy")})
+            if on_epoch_end is not None:
+                on_epoch_end(good)
+            if patience is not None and good.bad_epochs >= patience:
+                break
+    except KeyboardInterrupt:
+        stop_reason = "interrupted"
+    finally:
+        if bar is not None:
+            bar.close()
+    if stop_reason == "epochs" and patience is not None and good.bad_epochs >= patience:
+        stop_reason = "early_stopping"
+
+    final = good.state
+    if patience is not None and good.best_params is not None:
+        final = final._replace(params=good.best_params)
+    history = {k: list(v) for k, v in good.history.items()}
+    return FitResult(final, history, stop_reason, good.epoch,
+                     good.best_epoch if has_val and good.best_epoch else None, nan_at, good)
+
+
+# --- optimizers by name -------------------------------------------------------------
+
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "sgd": lambda lr: optax.sgd(lr),
+    "momentum": lambda lr: optax.sgd(lr, momentum=0.9),
+    "adam": lambda lr: optax.adam(lr),
+    "adamw": lambda lr: optax.adamw(lr),
+    "rmsprop": lambda lr: optax.rmsprop(lr),
+}
+
+SCHEDULES = ("constant", "cosine", "warmup-cosine", "exponential")
+
+
+def make_optimizer(name: str, learning_rate: float, schedule: str = "constant",
+                   total_steps: int | None = None,
+                   steps_per_epoch: int | None = None) -> optax.GradientTransformation:
+    """An optax optimizer by name (``sgd``, ``momentum`` (0.9), ``adam``, ``adamw``, ``rmsprop``).
+
+    ``schedule``: ``constant``; ``cosine`` (``optax.cosine_decay_schedule`` to 0
+    over ``total_steps``); ``warmup-cosine`` (linear warm-up over the first 5 %
+    of ``total_steps``, then cosine decay); ``exponential`` (× 0.95 per epoch
+    of ``steps_per_epoch`` steps).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}: choose from {', '.join(OPTIMIZERS)}")
+    if not (isinstance(learning_rate, (int, float)) and math.isfinite(learning_rate)
+            and learning_rate > 0):
+        raise ValueError(f"learning rate must be a positive number, got {learning_rate!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}: choose from {', '.join(SCHEDULES)}")
+    if schedule in ("cosine", "warmup-cosine") and not total_steps:
+        raise ValueError(f"the {schedule} schedule needs total_steps")
+    if schedule == "exponential" and not steps_per_epoch:
+        raise ValueError("the exponential schedule needs steps_per_epoch")
+    lr: Any = learning_rate
+    if schedule == "cosine":
+        lr = optax.cosine_decay_schedule(learning_rate, total_steps)
+    elif schedule == "warmup-cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate,
+                                                max(1, total_steps // 20), total_steps)
+    elif schedule == "exponential":
+        lr = optax.exponential_decay(learning_rate, steps_per_epoch, 0.95)
+    return OPTIMIZERS[name](lr)
