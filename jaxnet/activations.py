@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -102,6 +101,22 @@ def _elementwise(formula, derivative, output_derivative=None):
         y = fn(a)
         slope = output_derivative(y) if output_derivative else derivative(a)
         return y, slope * t
+
+    return fn
+
+
+def _with_rule(formula, tangent):
+    """``jax.custom_jvp`` of ``formula(a, param)`` with tangent ``tangent(a, y, t, param)``.
+
+    ``param`` (a slope, ``alpha``, an axis) is static and not differentiated.
+    """
+    fn = jax.custom_jvp(formula, nondiff_argnums=(1,))
+
+    @fn.defjvp
+    def _jvp(param, primals, tangents):
+        (a,), (t,) = primals, tangents
+        y = fn(a, param)
+        return y, tangent(a, y, t, param)
 
     return fn
 
@@ -239,15 +254,8 @@ def leaky_relu_derivative(a: ArrayLike, negative_slope: float = 0.01) -> Array:
     return jnp.where(a > 0, jnp.ones_like(a), jnp.asarray(negative_slope, a.dtype))
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _leaky_relu(a, negative_slope):
-    return _leaky_relu_formula(a, negative_slope)
-
-
-@_leaky_relu.defjvp
-def _leaky_relu_jvp(negative_slope, primals, tangents):
-    (a,), (t,) = primals, tangents
-    return _leaky_relu(a, negative_slope), leaky_relu_derivative(a, negative_slope) * t
+_leaky_relu = _with_rule(_leaky_relu_formula,
+                         lambda a, y, t, slope: leaky_relu_derivative(a, slope) * t)
 
 
 def leaky_relu(a: ArrayLike, negative_slope: float = 0.01) -> Array:
@@ -275,15 +283,7 @@ def elu_derivative(a: ArrayLike, alpha: float = 1.0) -> Array:
     return jnp.where(a > 0, jnp.ones_like(a), alpha * jnp.exp(jnp.where(a > 0, 0, a)))
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _elu(a, alpha):
-    return _elu_formula(a, alpha)
-
-
-@_elu.defjvp
-def _elu_jvp(alpha, primals, tangents):
-    (a,), (t,) = primals, tangents
-    return _elu(a, alpha), elu_derivative(a, alpha) * t
+_elu = _with_rule(_elu_formula, lambda a, y, t, alpha: elu_derivative(a, alpha) * t)
 
 
 def elu(a: ArrayLike, alpha: float = 1.0) -> Array:
@@ -336,15 +336,7 @@ def gelu_derivative(a: ArrayLike, approximate: bool = True) -> Array:
     return d.astype(a.dtype)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _gelu(a, approximate):
-    return _gelu_formula(a, approximate)
-
-
-@_gelu.defjvp
-def _gelu_jvp(approximate, primals, tangents):
-    (a,), (t,) = primals, tangents
-    return _gelu(a, approximate), gelu_derivative(a, approximate) * t
+_gelu = _with_rule(_gelu_formula, lambda a, y, t, approximate: gelu_derivative(a, approximate) * t)
 
 
 def gelu(a: ArrayLike, approximate: bool = True) -> Array:
@@ -456,16 +448,7 @@ def softmax_derivative(a: ArrayLike, t: ArrayLike, axis: int | tuple[int, ...] =
     return softmax_jvp(_softmax_formula(a, axis), jnp.asarray(t, a.dtype), axis)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _softmax(a, axis):
-    return _softmax_formula(a, axis)
-
-
-@_softmax.defjvp
-def _softmax_custom_jvp(axis, primals, tangents):
-    (a,), (t,) = primals, tangents
-    y = _softmax(a, axis)
-    return y, softmax_jvp(y, t, axis)
+_softmax = _with_rule(_softmax_formula, lambda a, y, t, axis: softmax_jvp(y, t, axis))
 
 
 def softmax(a: ArrayLike, axis: int | tuple[int, ...] = -1) -> Array:
@@ -502,16 +485,7 @@ def log_softmax_derivative(a: ArrayLike, t: ArrayLike, axis: int | tuple[int, ..
     return log_softmax_jvp(_log_softmax_formula(a, axis), jnp.asarray(t, a.dtype), axis)
 
 
-@partial(jax.custom_jvp, nondiff_argnums=(1,))
-def _log_softmax(a, axis):
-    return _log_softmax_formula(a, axis)
-
-
-@_log_softmax.defjvp
-def _log_softmax_custom_jvp(axis, primals, tangents):
-    (a,), (t,) = primals, tangents
-    y = _log_softmax(a, axis)
-    return y, log_softmax_jvp(y, t, axis)
+_log_softmax = _with_rule(_log_softmax_formula, lambda a, y, t, axis: log_softmax_jvp(y, t, axis))
 
 
 def log_softmax(a: ArrayLike, axis: int | tuple[int, ...] = -1) -> Array:
