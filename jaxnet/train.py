@@ -25,6 +25,7 @@ the one place where ``jax.jit`` (and its donation) is applied.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -138,9 +139,9 @@ def _compile(fn: Callable, *, donate_state: bool = True) -> Callable:
 
 
 def make_train_step(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
-                    grad: str = "auto", *, jit: bool = True,
-                    donate: bool = True) -> Callable[[TrainState, Array, Array],
-                                                     tuple[TrainState, Array]]:
+                    grad: str = "auto", *, jit: bool = True, donate: bool = True,
+                    mesh: Any = None, rules: Sequence = ()) -> Callable[
+                        [TrainState, Array, Array], tuple[TrainState, Array]]:
     """A compiled training step ``step(state, inputs, targets) -> (state, loss)``.
 
     **Arguments**
@@ -153,11 +154,18 @@ def make_train_step(net: Any, loss: Loss, optimizer: optax.GradientTransformatio
     - ``jit``: compile with ``jax.jit`` (``False`` returns the plain function).
     - ``donate``: donate the input state's buffers, so the step updates them
       in place; the state passed in must not be used afterwards.
+    - ``mesh``: a ``jax.sharding.Mesh`` (:func:`jaxnet.sharding.make_mesh`):
+      the batch is split over its ``"data"`` axis, the state laid out by
+      ``rules`` (sharding rules on parameter names; none: replicated). The
+      step computes the same thing; see :mod:`jaxnet.sharding`.
 
     Shapes: inputs (batch, features...), targets (batch,) labels or (batch, k).
     Compiles once per input shape/dtype.
     """
     fn = train_step_fn(net, loss, optimizer, grad)
+    if mesh is not None:
+        from .sharding import shard_step
+        fn = shard_step(fn, mesh, rules)
     return _compile(fn, donate_state=donate) if jit else fn
 
 
@@ -173,16 +181,20 @@ def epoch_fn(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
 
 
 def make_epoch(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
-               grad: str = "auto", *, jit: bool = True,
-               donate: bool = True) -> Callable[[TrainState, Array, Array],
-                                                tuple[TrainState, Array]]:
+               grad: str = "auto", *, jit: bool = True, donate: bool = True,
+               mesh: Any = None, rules: Sequence = ()) -> Callable[
+                   [TrainState, Array, Array], tuple[TrainState, Array]]:
     """A compiled epoch ``epoch(state, xs, ys) -> (state, losses)``: all steps in one call.
 
     ``xs`` has shape (num_batches, batch, features...), ``ys`` (num_batches,
     batch, ...); the steps run in order in one ``lax.scan``; ``losses`` has
-    shape (num_batches,). Arguments as :func:`make_train_step`.
+    shape (num_batches,). Arguments as :func:`make_train_step` (with a ``mesh``,
+    each batch, axis 1 of ``xs``, is split over ``"data"``).
     """
     fn = epoch_fn(net, loss, optimizer, grad)
+    if mesh is not None:
+        from .sharding import shard_step
+        fn = shard_step(fn, mesh, rules, batch_axis=1)
     return _compile(fn, donate_state=donate) if jit else fn
 
 
@@ -288,6 +300,34 @@ def _copy(tree: Any) -> Any:
     return jax.tree_util.tree_map(jnp.copy, tree)
 
 
+@functools.lru_cache(maxsize=16)
+def _fit_functions(net, loss, optimizer, grad, batch, scan_epoch, metrics):
+    """The compiled evaluation and epoch of :func:`fit`, cached so that calling ``fit`` again
+    with the same net, loss, optimizer and settings compiles nothing new."""
+    eval_step = make_eval_step(net, loss, dict(metrics))
+    if scan_epoch:
+        epoch_body = epoch_fn(net, loss, optimizer, grad)
+
+        def shuffled_epoch(state, x, y):
+            key, xs, ys = _shuffled_batches(state.key, x, y, batch)
+            return epoch_body(state._replace(key=key), xs, ys)
+
+        return eval_step, _compile(shuffled_epoch)
+    step = make_train_step(net, loss, optimizer, grad)
+    shuffle = jax.jit(_shuffled_batches, static_argnums=3)
+
+    def run_epoch(state, x, y):
+        key, xs, ys = shuffle(state.key, x, y, batch)
+        state = state._replace(key=key)
+        losses = []
+        for xb, yb in zip(xs, ys):
+            state, value = step(state, xb, yb)
+            losses.append(value)
+        return state, jnp.stack(losses)
+
+    return eval_step, run_epoch
+
+
 def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
         start: TrainState | FitProgress, train: tuple[Any, Any], val: tuple[Any, Any] | None = None,
         *, epochs: int = 10, batch_size: int | None = 32, patience: int | None = None,
@@ -345,29 +385,14 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
     if has_val:
         xv, yv = (jnp.asarray(a) for a in val)
     metrics = {"accuracy": _losses.accuracy} if metrics is None else dict(metrics)
-    eval_step = make_eval_step(net, loss, metrics)
-    steps_per_epoch = n // batch
-
-    if scan_epoch:
-        epoch_body = epoch_fn(net, loss, optimizer, grad)
-
-        def shuffled_epoch(state, x, y):
-            key, xs, ys = _shuffled_batches(state.key, x, y, batch)
-            return epoch_body(state._replace(key=key), xs, ys)
-
-        run_epoch = _compile(shuffled_epoch)
+    key = (net, loss, optimizer, grad, batch, scan_epoch, tuple(metrics.items()))
+    try:
+        hash(key)
+    except TypeError:  # something unhashable: build without the cache
+        eval_step, run_epoch = _fit_functions.__wrapped__(*key)
     else:
-        step = make_train_step(net, loss, optimizer, grad)
-        shuffle = jax.jit(_shuffled_batches, static_argnums=3)
-
-        def run_epoch(state, x, y):
-            key, xs, ys = shuffle(state.key, x, y, batch)
-            state = state._replace(key=key)
-            losses = []
-            for xb, yb in zip(xs, ys):
-                state, value = step(state, xb, yb)
-                losses.append(value)
-            return state, jnp.stack(losses)
+        eval_step, run_epoch = _fit_functions(*key)
+    steps_per_epoch = n // batch
 
     if isinstance(start, FitProgress):
         good = start
