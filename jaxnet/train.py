@@ -77,16 +77,20 @@ def _raw_key(key: Any) -> Array:
 
 
 def init_state(net: Any, optimizer: optax.GradientTransformation, key: Any,
-               input_shape: Sequence[int]) -> TrainState:
+               input_shape: Sequence[int], dtype: Any = None) -> TrainState:
     """A fresh :class:`TrainState`: params from ``net``'s init, the optimizer's initial state.
 
     ``key`` is a PRNG key (typed or raw) or an int seed; it is split into the
     init key and the state's key. ``input_shape`` includes the batch axis,
-    e.g. ``(-1, 64)``.
+    e.g. ``(-1, 64)``. ``dtype`` (e.g. ``jnp.float32``) casts the floating
+    params, whatever ``jax_enable_x64`` says; ``None`` keeps the init's dtype.
     """
     _check_optimizer(optimizer)
     init_key, key = jax.random.split(_raw_key(key))
     _, params = net[0](init_key, tuple(input_shape))
+    if dtype is not None:
+        params = jax.tree_util.tree_map(
+            lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
 
 
@@ -301,19 +305,22 @@ def _copy(tree: Any) -> Any:
 
 
 @functools.lru_cache(maxsize=16)
-def _fit_functions(net, loss, optimizer, grad, batch, scan_epoch, metrics):
+def _fit_functions(net, loss, optimizer, grad, batch, scan_epoch, metrics, mesh=None, rules=()):
     """The compiled evaluation and epoch of :func:`fit`, cached so that calling ``fit`` again
     with the same net, loss, optimizer and settings compiles nothing new."""
     eval_step = make_eval_step(net, loss, dict(metrics))
     if scan_epoch:
         epoch_body = epoch_fn(net, loss, optimizer, grad)
+        if mesh is not None:
+            from .sharding import shard_step
+            epoch_body = shard_step(epoch_body, mesh, rules, batch_axis=1)
 
         def shuffled_epoch(state, x, y):
             key, xs, ys = _shuffled_batches(state.key, x, y, batch)
             return epoch_body(state._replace(key=key), xs, ys)
 
         return eval_step, _compile(shuffled_epoch)
-    step = make_train_step(net, loss, optimizer, grad)
+    step = make_train_step(net, loss, optimizer, grad, mesh=mesh, rules=rules)
     shuffle = jax.jit(_shuffled_batches, static_argnums=3)
 
     def run_epoch(state, x, y):
@@ -334,7 +341,7 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
         min_delta: float = 0.0, grad: str = "auto", scan_epoch: bool = False,
         metrics: Mapping[str, Callable] | None = None, eval_batch_size: int | None = None,
         progress: bool = False, on_epoch_end: Callable[[FitProgress], None] | None = None,
-        ) -> FitResult:
+        mesh: Any = None, rules: Sequence = ()) -> FitResult:
     """Train for up to ``epochs`` epochs and return the state, history and why it stopped.
 
     **Arguments**
@@ -359,6 +366,9 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
     - ``on_epoch_end``: called with the :class:`FitProgress` after each epoch
       (e.g. to save a checkpoint or print metrics); its state is a copy, safe
       to keep.
+    - ``mesh``, ``rules``: train sharded on a device mesh, as
+      :func:`make_train_step` (one process; with several, build the loop from
+      :func:`make_train_step` and :func:`jaxnet.sharding.shard_batch`).
 
     Compiles the step (or epoch) and the evaluation once, in the first epoch.
     A ``KeyboardInterrupt`` ends the run with ``stop_reason="interrupted"``
@@ -385,7 +395,8 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
     if has_val:
         xv, yv = (jnp.asarray(a) for a in val)
     metrics = {"accuracy": _losses.accuracy} if metrics is None else dict(metrics)
-    key = (net, loss, optimizer, grad, batch, scan_epoch, tuple(metrics.items()))
+    key = (net, loss, optimizer, grad, batch, scan_epoch, tuple(metrics.items()), mesh,
+           tuple(rules))
     try:
         hash(key)
     except TypeError:  # something unhashable: build without the cache
@@ -399,6 +410,9 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
     else:
         good = FitProgress(start, 0, {}, None, math.inf, 0, 0)
     state = _copy(good.state)
+    if mesh is not None:
+        from .sharding import shard_state
+        state = shard_state(state, mesh, rules)
     history = {k: list(v) for k, v in good.history.items()}
     stop_reason, nan_at = "epochs", None
 

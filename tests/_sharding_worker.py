@@ -109,6 +109,18 @@ def single_host(n_devices, out_path, tmp):
     ep, _ = epoch(sharding.shard_state(fresh_state(net, opt), mesh), xs, ys)
     result["epoch_diff"] = max_diff(host(ep.params), host(reference.params))
 
+    # fit on the mesh (per-step loop and scanned epochs) equals fit on one device
+    data = (xs.reshape(-1, 8), ys.reshape(-1))
+    fits = {}
+    for scan in (False, True):
+        for m in (None, tp_mesh):
+            r = train.fit(net, loss, opt, fresh_state(net, opt), data, epochs=2, batch_size=BATCH,
+                          scan_epoch=scan, metrics={}, mesh=m, rules=rules if m else ())
+            fits[(scan, m is not None)] = r.state.params
+    result["fit_diff"] = max(max_diff(host(fits[(s, True)]), host(fits[(s, False)]))
+                             for s in (False, True))
+    result["fit_w_spec"] = str(fits[(True, True)]["dense_0"]["w"].sharding.spec)
+
     # sharded checkpoint: save the tensor-parallel state, restore into two layouts
     path = sharding.save_sharded(os.path.join(tmp, "tp_state"), tp)
     same = sharding.restore_sharded(path, tp)

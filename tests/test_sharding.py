@@ -71,6 +71,11 @@ def test_scanned_epoch_on_the_mesh_equals_the_steps(run):
     assert run["epoch_diff"] < TOL
 
 
+def test_fit_on_the_mesh_equals_fit_on_one_device(run):
+    assert run["fit_diff"] < TOL
+    assert run["fit_w_spec"] == "P(None, 'model')"
+
+
 def test_sharded_checkpoint_restores_values_and_shardings(run):
     ck = run["ckpt"]
     assert ck["same_diff"] == 0.0 and ck["same_specs_equal"]
