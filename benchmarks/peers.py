@@ -388,13 +388,14 @@ def _torch_model(widths, x, y):
     except ImportError as e:
         raise Skip(f"{e} (pip install torch==2.13.0)") from None
     torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     layers = []
     for m, n in zip(widths[:-2], widths[1:-1], strict=False):
         layers += [torch.nn.Linear(m, n), torch.nn.ReLU()]
-    model = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-2], widths[-1]))
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(widths[-2], widths[-1])).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=LR)
-    return torch, model, opt, torch.from_numpy(np.asarray(x)), torch.from_numpy(
-        np.asarray(y).astype(np.int64))
+    return torch, model, opt, torch.from_numpy(np.asarray(x)).to(dev), torch.from_numpy(
+        np.asarray(y).astype(np.int64)).to(dev)
 
 
 def make_torch_eager(widths, x, y):
