@@ -48,13 +48,18 @@ def two_epochs(tmp_path_factory):
     """A run of 2 epochs checkpointed after each epoch, and the net that made it."""
     directory = str(tmp_path_factory.mktemp("ckpt"))
     net, opt, state = setup()
-    result = run(net, opt, state, 2,
-                 on_epoch_end=lambda p: checkpoint.save_checkpoint(directory, p, {"run": "a"}))
-    return directory, net, opt, result
+    seen = []
+
+    def save(progress):
+        seen.append(progress)
+        checkpoint.save_checkpoint(directory, progress, {"run": "a"})
+
+    result = run(net, opt, state, 2, on_epoch_end=save)
+    return directory, net, opt, result, seen
 
 
 def test_round_trip_restores_every_array_and_counter(two_epochs):
-    directory, net, opt, result = two_epochs
+    directory, net, opt, result, _ = two_epochs
     assert checkpoint.latest_epoch(directory) == 2
     template = setup()[2]
     progress, meta = checkpoint.restore_checkpoint(directory, template)
@@ -95,8 +100,8 @@ def test_a_checkpoint_for_another_width_is_refused_naming_the_path_and_shapes(tw
 def test_a_checkpoint_with_another_dtype_is_refused(two_epochs):
     directory = two_epochs[0]
     with pytest.raises(checkpoint.CheckpointError,
-                       match=r"'params/dense_0/b' has shape \(6,\), dtype float32 in the checkpoint "
-                             r"but the run expects shape \(6,\), dtype float64"):
+                       match=r"'params/dense_0/b' has shape \(6,\), dtype float32 in the "
+                             r"checkpoint but the run expects shape \(6,\), dtype float64"):
         checkpoint.restore_checkpoint(directory, setup(dtype=jnp.float64)[2])
 
 
@@ -110,10 +115,8 @@ def test_a_checkpoint_of_another_optimizer_is_refused(two_epochs):
         checkpoint.restore_checkpoint(directory, setup(opt=optax.sgd(0.1))[2])
 
 
-def test_a_damaged_checkpoint_is_refused_with_a_clear_error(tmp_path):
-    net, opt, state = setup()
-    result = run(net, opt, state, 1)
-    checkpoint.save_checkpoint(str(tmp_path), result.progress)
+def test_a_damaged_checkpoint_is_refused_with_a_clear_error(tmp_path, two_epochs):
+    checkpoint.save_checkpoint(str(tmp_path), two_epochs[4][0])
     data_files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "1" / "state") for f in fs
                   if f not in ("commit_success.txt",)]
     assert data_files
@@ -124,12 +127,11 @@ def test_a_damaged_checkpoint_is_refused_with_a_clear_error(tmp_path):
         checkpoint.restore_checkpoint(str(tmp_path), setup()[2])
 
 
-def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+def test_an_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch,
+                                                                     two_epochs):
     from orbax.checkpoint._src.path import atomicity
 
-    net, opt, state = setup()
-    seen = []
-    run(net, opt, state, 2, on_epoch_end=seen.append)
+    seen = two_epochs[4]
     checkpoint.save_checkpoint(str(tmp_path), seen[0])
 
     async def crash(*args, **kwargs):  # the process dies before the final rename

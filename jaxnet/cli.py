@@ -1,0 +1,428 @@
+"""The command line: ``jaxnet train`` (also ``python -m jaxnet train``).
+
+Trains an MLP on a built-in data set or a user's file, with a progress bar,
+per-epoch metrics, a final test accuracy, optional checkpoints, a JSON report
+and a PNG of the learning curves. ``jaxnet train --help`` lists every flag.
+
+Exit codes: 0 done; 2 bad input (a one-line error before training starts);
+1 the loss became NaN (the last good checkpoint is kept); 130 interrupted by
+Ctrl-C (a checkpoint and the report so far are written first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+DEFAULTS = {"data": "digits", "hidden": "128,128", "activation": "relu", "optimizer": "adam",
+            "lr": 1e-3, "schedule": "constant", "batch_size": 32, "epochs": 40, "patience": 8,
+            "seed": 0, "grad": "auto", "epoch_mode": "scan", "split_seed": 42}
+
+# Settings a resumed run must share with the checkpoint's run.
+_RESUME_KEYS = ("data", "label_column", "classes", "split_seed", "hidden", "activation",
+                "output_activation", "optimizer", "lr", "schedule", "batch_size", "seed", "grad")
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``jaxnet`` argument parser (sub-command ``train``)."""
+    parser = _Parser(prog="jaxnet", description="jaxnet: neural nets on JAX.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    t = sub.add_parser(
+        "train", help="train an MLP on a data set", allow_abbrev=False,
+        description="Train a deep MLP with optax and report its test accuracy. With no flags: "
+                    "2 hidden layers of 128 ReLU units on scikit-learn's digits, Adam 1e-3, "
+                    "batch 32, up to 40 epochs with early stopping (patience 8).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = t.add_argument_group("data")
+    d.add_argument("--data", default=DEFAULTS["data"], metavar="NAME|PATH",
+                   help="built-in data set (digits, mnist1d, mnist5k, minimal) or a file: "
+                        "PATH.npz with arrays x and y, or PATH.csv with a header row")
+    d.add_argument("--label-column", default=None, metavar="NAME",
+                   help="the label column of a CSV file (the other columns are features)")
+    d.add_argument("--classes", type=int, default=None, metavar="K",
+                   help="number of classes of a user's file (default: largest label + 1)")
+    d.add_argument("--split-seed", type=int, default=DEFAULTS["split_seed"],
+                   help="seed of the train/validation/test split (70/10/20 %%)")
+    n = t.add_argument_group("network")
+    n.add_argument("--hidden", default=None, metavar="W1,W2,...",
+                   help=f"hidden layer widths, comma-separated (default {DEFAULTS['hidden']}); "
+                        "'' for none")
+    n.add_argument("--depth", type=int, default=None,
+                   help="number of hidden layers (with --width, instead of --hidden)")
+    n.add_argument("--width", type=int, default=None, help="units per hidden layer (with --depth)")
+    n.add_argument("--activation", default=DEFAULTS["activation"],
+                   help="hidden activation: sigmoid, tanh, relu, leaky_relu, elu, gelu, softplus, "
+                        "silu, identity")
+    n.add_argument("--output-activation", default=None,
+                   help="output activation: log_softmax (default for classes; loss: softmax "
+                        "cross-entropy), softmax (loss: cross-entropy of probabilities) or "
+                        "identity (logits; default for regression, loss: L2)")
+    o = t.add_argument_group("optimisation")
+    o.add_argument("--optimizer", default=DEFAULTS["optimizer"],
+                   help="sgd, momentum (0.9), adam, adamw, rmsprop")
+    o.add_argument("--lr", "--learning-rate", dest="lr", type=float, default=DEFAULTS["lr"],
+                   help="learning rate")
+    o.add_argument("--schedule", default=DEFAULTS["schedule"],
+                   help="learning-rate schedule: constant, cosine (to 0 over the run), "
+                        "warmup-cosine (5 %% warm-up), exponential (x0.95 per epoch)")
+    o.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                   help="rows per step (each epoch takes the full batches of a reshuffle)")
+    o.add_argument("--epochs", type=int, default=DEFAULTS["epochs"], help="maximum epochs")
+    o.add_argument("--patience", type=int, default=DEFAULTS["patience"],
+                   help="stop after this many epochs without a lower validation loss and keep "
+                        "the best params (0: no early stopping)")
+    o.add_argument("--seed", type=int, default=DEFAULTS["seed"],
+                   help="seed of the initial params and the shuffles")
+    o.add_argument("--grad", default=DEFAULTS["grad"], choices=("auto", "manual"),
+                   help="gradients by jax.grad (auto) or jaxnet's hand-written backward pass "
+                        "(manual)")
+    o.add_argument("--epoch-mode", default=DEFAULTS["epoch_mode"], choices=("scan", "loop"),
+                   help="run each epoch as one compiled lax.scan (scan) or as a Python loop of "
+                        "compiled steps (loop)")
+    r = t.add_argument_group("output")
+    r.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help="save a checkpoint (orbax) every --checkpoint-every epochs, on Ctrl-C "
+                        "and at the end")
+    r.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
+                   help="epochs between checkpoints")
+    r.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --checkpoint-dir")
+    r.add_argument("--report", default=None, metavar="PATH",
+                   help="write a JSON report (test accuracy and loss, epochs, time, steps/s, "
+                        "params, depth, width, device, versions, history)")
+    r.add_argument("--plot", default=None, metavar="PATH",
+                   help="write a PNG of the learning curves (loss and accuracy by epoch)")
+    r.add_argument("--quiet", action="store_true",
+                   help="no progress bar and no per-epoch lines (the bar also hides when "
+                        "stderr is not a terminal)")
+    return parser
+
+
+# --- checking the arguments -----------------------------------------------------------
+
+def _hidden_widths(args) -> list[int]:
+    if args.hidden is not None and (args.depth is not None or args.width is not None):
+        raise UsageError("give either --hidden or --depth with --width, not both")
+    if args.depth is not None or args.width is not None:
+        if args.depth is None or args.width is None:
+            raise UsageError("--depth and --width go together")
+        if args.depth < 0 or args.width < 1:
+            raise UsageError(f"--depth must be >= 0 and --width >= 1, got {args.depth} and "
+                             f"{args.width}")
+        return [args.width] * args.depth
+    text = DEFAULTS["hidden"] if args.hidden is None else args.hidden
+    try:
+        widths = [int(w) for w in text.replace(" ", "").split(",") if w]
+    except ValueError:
+        raise UsageError(f"--hidden must be comma-separated integers, got {text!r}") from None
+    if any(w < 1 for w in widths):
+        raise UsageError(f"--hidden widths must be positive, got {text!r}")
+    return widths
+
+
+def _check_numbers(args) -> None:
+    from .train import OPTIMIZERS, SCHEDULES
+
+    if args.optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown optimizer {args.optimizer!r} (choose from "
+                         f"{', '.join(OPTIMIZERS)})")
+    if args.schedule not in SCHEDULES:
+        raise UsageError(f"unknown schedule {args.schedule!r} (choose from "
+                         f"{', '.join(SCHEDULES)})")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--epochs", args.epochs, 0),
+                             ("--patience", args.patience, 0),
+                             ("--checkpoint-every", args.checkpoint_every, 1)):
+        if value < low:
+            raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if args.classes is not None and args.classes < 1:
+        raise UsageError(f"--classes must be at least 1, got {args.classes}")
+    if args.resume and not args.checkpoint_dir:
+        raise UsageError("--resume needs --checkpoint-dir")
+
+
+def _activations(args, task: str) -> tuple[str, str]:
+    from . import activations
+
+    names = sorted(activations.ACTIVATIONS)
+    if args.activation not in activations.ACTIVATIONS or args.activation in ("softmax",
+                                                                            "log_softmax"):
+        raise UsageError(f"unknown hidden activation {args.activation!r} (choose from "
+                         f"{', '.join(n for n in names if 'softmax' not in n)})")
+    out = args.output_activation or ("log_softmax" if task == "classification" else "identity")
+    allowed = ("log_softmax", "softmax", "identity") if task == "classification" else (
+        "identity",)
+    if out not in allowed:
+        raise UsageError(f"output activation {out!r} does not fit {task} (choose from "
+                         f"{', '.join(allowed)})")
+    return args.activation, out
+
+
+def _config(args, widths, output_activation) -> dict[str, Any]:
+    return {"data": args.data, "label_column": args.label_column, "classes": args.classes,
+            "split_seed": args.split_seed, "hidden": widths, "activation": args.activation,
+            "output_activation": output_activation, "optimizer": args.optimizer, "lr": args.lr,
+            "schedule": args.schedule, "batch_size": args.batch_size, "epochs": args.epochs,
+            "patience": args.patience, "seed": args.seed, "grad": args.grad,
+            "epoch_mode": args.epoch_mode}
+
+
+# --- report and plot -------------------------------------------------------------------
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("jaxnet-nn", "jax", "jaxlib", "optax", "orbax-checkpoint", "numpy"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _device() -> str:
+    import jax
+
+    d = jax.devices()[0]
+    kind = "" if d.device_kind == d.platform else f" {d.device_kind}"
+    cpu = platform.processor() or platform.machine()
+    return f"{d.platform}{kind} ({jax.device_count()} device(s); host {cpu}, " \
+           f"{os.cpu_count()} cores)"
+
+
+def _write_json(path: str, report: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=2, default=float, allow_nan=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def plot_history(history: dict[str, list[float]], path: str, title: str = "") -> None:
+    """Save the learning curves as a PNG: loss (left) and accuracy (right), train and
+    validation, by epoch."""
+    from matplotlib.figure import Figure
+
+    metrics = ["loss"] + (["accuracy"] if "train_accuracy" in history else [])
+    fig = Figure(figsize=(5 * len(metrics), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    epochs = history.get("epoch", [])
+    for ax, metric in zip(axes, metrics):
+        for split, style in (("train", "-"), ("val", "--")):
+            values = history.get(f"{split}_{metric}")
+            if values:
+                ax.plot(epochs, values, style, marker=".", label=split)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+# --- train ------------------------------------------------------------------------------
+
+def _say(quiet: bool, text: str, file=None) -> None:
+    if not quiet:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(text, file=file or sys.stdout)
+        except ImportError:
+            print(text, file=file or sys.stdout)
+
+
+def _epoch_line(record: dict[str, float], epochs: int) -> str:
+    parts = [f"epoch {int(record['epoch']):>3}/{epochs}"]
+    for key, label in (("train_loss", "loss"), ("train_accuracy", "acc"), ("val_loss", "val_loss"),
+                       ("val_accuracy", "val_acc")):
+        if key in record:
+            parts.append(f"{label} {record[key]:.4f}")
+    parts.append(f"{record['seconds']:.2f}s")
+    return "  ".join(parts)
+
+
+_REASONS = {"epochs": "all epochs run", "early_stopping": "stopped early",
+            "interrupted": "interrupted", "nan": "NaN loss"}
+
+
+def _train(args) -> int:
+    try:
+        run = _setup(args)
+    except (ValueError, TypeError) as e:  # DataError, CheckpointError, bad settings
+        raise UsageError(str(e)) from None
+    return _run(args, *run)
+
+
+def _setup(args):
+    """Everything that can refuse the input, before any training."""
+    _check_numbers(args)
+    widths = _hidden_widths(args)
+    from . import datasets
+
+    data = datasets.load(args.data, label_column=args.label_column, num_classes=args.classes,
+                         split_seed=args.split_seed, seed=args.seed)
+    activation, output_activation = _activations(args, data.task)
+    if args.batch_size > len(data.x_train):
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the "
+                         f"{len(data.x_train)} training rows")
+
+    from . import checkpoint as ckpt
+    from . import losses, train
+    from .combinators import mlp
+    from .summary import summary
+
+    classification = data.task == "classification"
+    out_dim = data.num_classes if classification else data.y_train.shape[1]
+    net = mlp(widths, out_dim, activation, output_activation)
+    loss = losses.l2_loss if not classification else (
+        losses.cross_entropy if output_activation == "softmax" else losses.softmax_cross_entropy)
+    metrics = {"accuracy": losses.accuracy} if classification else {}
+    steps_per_epoch = len(data.x_train) // args.batch_size
+    optimizer = train.make_optimizer(args.optimizer, args.lr, args.schedule,
+                                     total_steps=max(1, args.epochs * steps_per_epoch),
+                                     steps_per_epoch=steps_per_epoch)
+    input_shape = (-1, data.num_features)
+    state = train.init_state(net, optimizer, args.seed, input_shape, dtype=data.x_train.dtype)
+    config = _config(args, widths, output_activation)
+    info = summary(net, input_shape)
+
+    start: Any = state
+    if args.resume:
+        start, meta = ckpt.restore_checkpoint(args.checkpoint_dir, state)
+        saved = meta.get("config", {})
+        keys = _RESUME_KEYS + (("epochs",) if "cosine" in args.schedule else ())
+        for key in keys:
+            if saved.get(key) != config[key]:
+                raise UsageError(f"--resume: the checkpoint was trained with {key} = "
+                                 f"{saved.get(key)!r}, this run has {config[key]!r}")
+    return data, net, loss, metrics, optimizer, start, config, info, widths, out_dim
+
+
+def _run(args, data, net, loss, metrics, optimizer, start, config, info, widths, out_dim) -> int:
+    from . import checkpoint as ckpt
+    from . import train
+
+    activation, output_activation = config["activation"], config["output_activation"]
+    steps_per_epoch = len(data.x_train) // args.batch_size
+    quiet = args.quiet
+    _say(quiet, f"jaxnet train: {data.name} ({data.sizes['train']}/{data.sizes['val']}/"
+                f"{data.sizes['test']} train/val/test, {data.num_features} features), "
+                f"MLP {data.num_features}-{'-'.join(map(str, widths + [out_dim]))} "
+                f"{activation}/{output_activation}, {info.param_count} params, "
+                f"{args.optimizer} lr {args.lr:g}, batch {args.batch_size}, grad {args.grad}"
+                + (f", resuming after epoch {start.epoch}" if args.resume else ""))
+
+    saved_epochs: set[int] = set()
+
+    def save(progress) -> None:
+        if args.checkpoint_dir and progress.epoch not in saved_epochs:
+            ckpt.save_checkpoint(args.checkpoint_dir, progress, {"config": config})
+            saved_epochs.add(progress.epoch)
+
+    def on_epoch_end(progress) -> None:
+        record = {k: v[-1] for k, v in progress.history.items()}
+        _say(quiet, _epoch_line(record, args.epochs))
+        if args.checkpoint_dir and progress.epoch % args.checkpoint_every == 0:
+            save(progress)
+
+    t0 = time.perf_counter()
+    result = train.fit(net, loss, optimizer, start, (data.x_train, data.y_train),
+                       (data.x_val, data.y_val), epochs=args.epochs,
+                       batch_size=args.batch_size, patience=args.patience or None,
+                       grad=args.grad, scan_epoch=args.epoch_mode == "scan", metrics=metrics,
+                       progress=not quiet, on_epoch_end=on_epoch_end)
+    train_seconds = time.perf_counter() - t0
+    interrupted = result.stop_reason == "interrupted"
+    try:
+        save(result.progress)  # the last completed epoch (the last good one after a NaN)
+    except KeyboardInterrupt:
+        interrupted = True
+
+    eval_step = train.make_eval_step(net, loss, metrics)
+    test = train.evaluate(eval_step, result.state.params, data.x_test, data.y_test)
+    history = result.history
+    epochs_done = result.epochs_run - (start.epoch if args.resume else 0)
+    steps = epochs_done * steps_per_epoch
+    after_first = history.get("seconds", [])[1:epochs_done] if epochs_done > 1 else []
+    report = {
+        "test_accuracy": test.get("accuracy"), "test_loss": test["loss"],
+        "epochs_run": result.epochs_run, "train_seconds": train_seconds,
+        "steps_per_second": steps / train_seconds if train_seconds > 0 else None,
+        "steps_per_second_after_first_epoch": (
+            len(after_first) * steps_per_epoch / sum(after_first) if after_first else None),
+        "param_count": info.param_count, "depth": info.depth, "width": info.width,
+        "device": _device(), "versions": _versions(),
+        "stop_reason": result.stop_reason, "best_epoch": result.best_epoch,
+        "nan_at": None if result.nan_at is None else
+        {"epoch": result.nan_at[0], "step": result.nan_at[1]},
+        "data": {"name": data.name, "description": data.description, **data.sizes,
+                 "features": data.num_features, "classes": data.num_classes},
+        "config": config, "steps_per_epoch": steps_per_epoch, "resumed": bool(args.resume),
+        "history": history,
+    }
+    if args.report:
+        _write_json(args.report, report)
+    if args.plot and history.get("epoch"):
+        plot_history(history, args.plot, f"{data.name}: MLP {'-'.join(map(str, widths))}")
+
+    if result.stop_reason == "nan":
+        epoch, step = result.nan_at
+        kept = (f"; checkpoint of epoch {result.epochs_run} kept in {args.checkpoint_dir}"
+                if args.checkpoint_dir else "")
+        print(f"jaxnet train: error: the loss became NaN (or infinite) at epoch {epoch}, step "
+              f"{step} (try a lower --lr){kept}", file=sys.stderr)
+        return 1
+    acc = test.get("accuracy")
+    line = (f"test accuracy {acc:.4f}  " if acc is not None else "") + \
+        f"test loss {test['loss']:.4f}  ({result.epochs_run} epochs, " + \
+        _REASONS.get(result.stop_reason, result.stop_reason) + \
+        (f", best epoch {result.best_epoch}" if result.best_epoch else "") + \
+        f"; {train_seconds:.1f} s, {report['steps_per_second'] or 0:.0f} steps/s)"
+    if interrupted:
+        where = f", checkpoint in {args.checkpoint_dir}" if args.checkpoint_dir else ""
+        print(f"jaxnet train: interrupted after epoch {result.epochs_run}{where}; {line}",
+              file=sys.stderr)
+        return 130
+    print(line)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``jaxnet`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit
+    code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return _train(args)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except UsageError as e:
+        print(f"jaxnet train: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2

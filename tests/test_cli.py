@@ -1,0 +1,231 @@
+"""`jaxnet train`: flags, reports, checkpoints, and one-line errors for bad input."""
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxnet.train
+from jaxnet import checkpoint, cli
+
+TINY = ["--hidden", "12", "--batch-size", "64", "--lr", "0.01", "--quiet"]
+
+
+def train(*args):
+    return cli.main(["train", *TINY, *args])
+
+
+@pytest.fixture(scope="module")
+def three_epochs(tmp_path_factory):
+    """An uninterrupted 3-epoch run on digits with a report and a plot (and its stdout)."""
+    d = tmp_path_factory.mktemp("run")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = cli.main(["train", *TINY[:-1], "--epochs", "3", "--report", str(d / "r.json"),
+                         "--plot", str(d / "p.png")])
+    return code, d, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def two_epoch_checkpoint(tmp_path_factory):
+    """Checkpoints of the first 2 epochs of the same run."""
+    ckpt = str(tmp_path_factory.mktemp("ckpt"))
+    assert train("--epochs", "2", "--checkpoint-dir", ckpt) == 0
+    return ckpt
+
+
+def test_a_run_writes_the_report_and_the_plot(three_epochs):
+    code, d, _ = three_epochs
+    assert code == 0
+    report = json.loads((d / "r.json").read_text())
+    for key in ("test_accuracy", "test_loss", "epochs_run", "train_seconds", "steps_per_second",
+                "param_count", "depth", "width", "device", "versions"):
+        assert report[key] is not None, key
+    assert report["epochs_run"] == 3 and report["depth"] == 1 and report["width"] == 12
+    assert report["param_count"] == 64 * 12 + 12 + 12 * 10 + 10
+    assert 0.5 < report["test_accuracy"] <= 1
+    assert report["data"]["train"] == 1257 and report["data"]["test"] == 360
+    assert set(report["versions"]) >= {"jax", "optax", "python"}
+    assert len(report["history"]["val_accuracy"]) == 3
+    assert (d / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_documents_every_flag(capsys):
+    assert cli.main(["train", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in ("--data", "--label-column", "--hidden", "--depth", "--width", "--activation",
+                 "--output-activation", "--optimizer", "--lr", "--schedule", "--batch-size",
+                 "--epochs", "--patience", "--seed", "--grad", "--checkpoint-dir", "--resume",
+                 "--report", "--plot", "--quiet"):
+        assert flag in text, flag
+
+
+def write_npz(path, x, y):
+    np.savez(path, x=x, y=y)
+    return str(path)
+
+
+def bad_inputs(tmp):
+    x = np.random.default_rng(0).normal(size=(40, 3))
+    y = np.arange(40) % 3
+    nan_x = x.copy()
+    nan_x[7, 1] = np.nan
+    csv = tmp / "d.csv"
+    csv.write_text("a,b,label\n1,2,0\n3,4,1\n")
+    return {
+        "labels outside [0, classes)": (["--data", write_npz(tmp / "a.npz", x, y),
+                                         "--classes", "2"], "label 2 in row 2 is outside [0, 2)"),
+        "negative label": (["--data", write_npz(tmp / "b.npz", x, np.where(y == 1, -1, y))],
+                           "label -1 in row 1 is outside"),
+        "lengths differ": (["--data", write_npz(tmp / "c.npz", x, y[:-1])],
+                           "different lengths (40 rows of features, 39 labels)"),
+        "NaN in data": (["--data", write_npz(tmp / "d.npz", nan_x, y)], "NaN or infinity (first "
+                                                                        "in row 7"),
+        "empty data set": (["--data", write_npz(tmp / "e.npz", x[:0], y[:0])], "empty"),
+        "unknown data set": (["--data", "imagenet"], "unknown data set 'imagenet'"),
+        "unknown optimizer": (["--optimizer", "adagrad"], "unknown optimizer 'adagrad'"),
+        "unknown activation": (["--activation", "swish"], "unknown hidden activation 'swish'"),
+        "unknown output activation": (["--output-activation", "sigmoid"],
+                                      "output activation 'sigmoid' does not fit classification"),
+        "bad widths": (["--hidden", "64,x"], "--hidden must be comma-separated integers"),
+        "depth without width": (["--depth", "3"], "--depth and --width go together"),
+        "negative learning rate": (["--lr", "-0.1"], "--lr must be a positive number"),
+        "zero batch": (["--batch-size", "0"], "--batch-size must be at least 1"),
+        "batch too big": (["--batch-size", "5000"], "larger than the 1257 training rows"),
+        "resume without a directory": (["--resume"], "--resume needs --checkpoint-dir"),
+        "resume from nothing": (["--resume", "--checkpoint-dir", str(tmp / "none")],
+                                "no checkpoint directory"),
+        "csv without a label column": (["--data", str(csv)], "name the label column"),
+        "csv with a wrong label column": (["--data", str(csv), "--label-column", "y"],
+                                          "no column named 'y'"),
+        "unknown flag": (["--epoch", "3"], "unrecognized arguments"),
+        "not a number": (["--epochs", "many"], "invalid int value"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "labels outside [0, classes)", "negative label", "lengths differ", "NaN in data",
+    "empty data set", "unknown data set", "unknown optimizer", "unknown activation",
+    "unknown output activation", "bad widths", "depth without width", "negative learning rate",
+    "zero batch", "batch too big", "resume without a directory", "resume from nothing",
+    "csv without a label column", "csv with a wrong label column", "unknown flag",
+    "not a number"])
+def test_bad_input_is_one_line_and_exit_code_2_before_training(case, tmp_path, capsys,
+                                                                monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(jaxnet.train, "fit", no_training)
+    args, message = bad_inputs(tmp_path)[case]
+    report = tmp_path / "report.json"
+    assert cli.main(["train", *args, "--report", str(report)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("jaxnet train: error: "), err
+    assert message in err
+    assert not report.exists()
+
+
+def test_a_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                                    capsys):
+    ckpt = tmp_path / "ckpt"
+    code = cli.main(["train", "--data", "minimal", "--hidden", "", "--optimizer", "sgd",
+                     "--lr", "0.1", "--epochs", "20", "--patience", "0", "--quiet",
+                     "--checkpoint-dir", str(ckpt),
+                     "--report", str(tmp_path / "r.json")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "the loss became NaN (or infinite) at epoch 3, step 49" in err
+    assert checkpoint.latest_epoch(str(ckpt)) == 2
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["stop_reason"] == "nan" and report["nan_at"] == {"epoch": 3, "step": 49}
+    assert report["test_accuracy"] is None and np.isfinite(report["test_loss"])
+
+
+def test_resume_continues_to_the_same_result_as_an_uninterrupted_run(three_epochs, tmp_path,
+                                                                      two_epoch_checkpoint):
+    d = three_epochs[1]
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(two_epoch_checkpoint, ckpt)
+    assert checkpoint.latest_epoch(ckpt) == 2
+    assert train("--epochs", "3", "--checkpoint-dir", ckpt, "--resume",
+                 "--report", str(tmp_path / "r.json")) == 0
+    resumed = json.loads((tmp_path / "r.json").read_text())
+    whole = json.loads((d / "r.json").read_text())
+    assert resumed["resumed"] and resumed["epochs_run"] == 3
+    assert resumed["test_loss"] == whole["test_loss"]
+    for key in ("train_loss", "val_loss", "val_accuracy"):
+        assert resumed["history"][key] == whole["history"][key]
+    assert checkpoint.latest_epoch(ckpt) == 3
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(two_epoch_checkpoint, capsys):
+    ckpt = two_epoch_checkpoint
+    assert cli.main(["train", "--hidden", "13", "--batch-size", "64", "--lr", "0.01",
+                     "--epochs", "2", "--checkpoint-dir", ckpt, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "'params/dense_0/b' has shape (12,)" in err and err.count("\n") == 1
+    assert train("--epochs", "2", "--seed", "5", "--checkpoint-dir", ckpt, "--resume") == 2
+    assert "trained with seed = 0, this run has 5" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_report_so_far(tmp_path, monkeypatch, capsys):
+    lines = cli._epoch_line
+
+    def interrupt_in_epoch_2(record, epochs):
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+        return lines(record, epochs)
+
+    monkeypatch.setattr(cli, "_epoch_line", interrupt_in_epoch_2)
+    ckpt, report = str(tmp_path / "ckpt"), tmp_path / "r.json"
+    code = cli.main(["train", "--hidden", "12", "--batch-size", "64", "--epochs", "5",
+                     "--checkpoint-dir", ckpt, "--report", str(report)])
+    assert code == 130
+    assert checkpoint.latest_epoch(ckpt) == 2
+    saved = json.loads(report.read_text())
+    assert saved["stop_reason"] == "interrupted" and saved["epochs_run"] == 2
+    assert "interrupted after epoch 2" in capsys.readouterr().err
+
+
+def test_per_epoch_lines_unless_quiet_and_no_bar_off_a_terminal(three_epochs, capsys):
+    out = three_epochs[2]
+    assert "epoch   1/3" in out and "epoch   3/3" in out and "test accuracy" in out
+    assert cli.main(["train", *TINY, "--epochs", "1", "--batch-size", "2000"]) == 2
+    assert train("--epochs", "0") == 0  # --quiet: only the result line
+    out, err = capsys.readouterr()
+    assert "epoch " not in out and "test accuracy" in out
+    assert "epoch/s" not in err and "it/s" not in err  # tqdm stays quiet off a terminal
+
+
+def test_a_csv_file_with_a_label_column_trains(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    x = rng.normal(size=(60, 2)) + 3 * y[:, None]
+    rows = ["f1,kind,f2"] + [f"{a:.4f},{'yes' if t else 'no'},{b:.4f}"
+                             for (a, b), t in zip(x, y)]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    report = tmp_path / "r.json"
+    assert cli.main(["train", "--data", str(tmp_path / "d.csv"), "--label-column", "kind",
+                     "--hidden", "4", "--batch-size", "8", "--epochs", "2", "--quiet",
+                     "--report", str(report)]) == 0
+    saved = json.loads(report.read_text())
+    assert saved["data"]["features"] == 2 and saved["data"]["classes"] == 2
+    assert saved["data"]["train"] + saved["data"]["val"] + saved["data"]["test"] == 60
+
+
+def test_python_dash_m_jaxnet_train_runs(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-m", "jaxnet", "train", "--hidden", "8",
+                           "--epochs", "1", "--batch-size", "128", "--quiet"],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "test accuracy" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "jaxnet", "train", "--optimizer", "nope"],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
