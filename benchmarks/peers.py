@@ -5,6 +5,8 @@ parameter update, all in float32. Variants:
 
 - ``pure_jax``: a hand-written step (list of (w, b), ``jax.value_and_grad``, optax.adam),
   ``jax.jit`` with the parameters and optimiser state donated. Every ratio is relative to it.
+- ``pure_jax_grads_only``: not a step, its forward and backward pass alone (no Adam update):
+  the difference to ``pure_jax`` is the optimizer update's share.
 - ``jaxnet_auto`` / ``jaxnet_manual``: ``jaxnet.train.make_train_step(net, loss, opt, grad=...)``
   (``jax.grad`` versus jaxnet's hand-written backward pass).
 - ``stax``, ``flax_linen``, ``haiku``: their modules with the same optax step under ``jax.jit``.
@@ -59,10 +61,9 @@ CONFIGS: dict[str, tuple[list[int], int]] = {
 }
 EPOCH_STEPS = 40  # ≈ 5,000 examples / batch 128: the mnist5k training set
 LR = 1e-3
-ALL_VARIANTS = ["pure_jax", "jaxnet_auto", "jaxnet_manual", "stax", "flax_linen",
-                "flax_nnx_jit", "flax_nnx_split", "equinox_filter_jit", "equinox_jit", "haiku",
-                "torch_eager", "torch_compile"]
-EPOCH_VARIANTS = ["pure_jax", "pure_jax_scan", "jaxnet_step", "jaxnet_fit_scan"]
+ALL_VARIANTS = ["pure_jax", "pure_jax_grads_only", "jaxnet_auto", "jaxnet_manual", "stax",
+                "flax_linen", "flax_nnx_jit", "flax_nnx_split", "equinox_filter_jit",
+                "equinox_jit", "haiku", "torch_eager", "torch_compile"]
 
 
 class Skip(Exception):
@@ -139,6 +140,21 @@ def make_pure_jax(widths, x, y):
     opt = optax.adam(LR)
     params = pure_init(jax.random.key(0), widths)
     return jitted_runner(optax_step(pure_apply, opt), params, opt.init(params), x, y)
+
+
+def make_pure_jax_grads_only(widths, x, y):
+    """Not a training step: forward + backward only (no Adam, no update), to show how much of
+    the step the optimizer's update takes."""
+    params = pure_init(jax.random.key(0), widths)
+    grads = jax.jit(jax.value_and_grad(lambda p: ce(pure_apply(p, x), y)))
+
+    def run(n):
+        out = None
+        for _ in range(n):
+            out = grads(params)
+        return sync(out)
+
+    return run
 
 
 def make_pure_jax_scan(widths, xs, ys):
@@ -435,6 +451,7 @@ def make_torch_compile(widths, x, y):
 
 BUILDERS: dict[str, Callable] = {
     "pure_jax": make_pure_jax,
+    "pure_jax_grads_only": make_pure_jax_grads_only,
     "jaxnet_auto": make_jaxnet("auto"),
     "jaxnet_manual": make_jaxnet("manual"),
     "stax": make_stax,

@@ -47,8 +47,7 @@ def test_remat_recomputes_the_forward_pass_in_the_backward_pass():
     plain, params, x, y = _net_and_data(False, depth=8)
     net, _, _, _ = _net_and_data(True, depth=8)
     hlo_plain, hlo_remat = _lowered(plain, params, x, y), _lowered(net, params, x, y)
-    assert "optimization_barrier" not in hlo_plain
-    assert "optimization_barrier" in hlo_remat
+    assert hlo_remat.count("optimization_barrier") > hlo_plain.count("optimization_barrier")
     assert hlo_remat.count("dot_general") > hlo_plain.count("dot_general")
 
 
