@@ -239,13 +239,13 @@ def evaluate(eval_step: Callable, params: Params, inputs: Array, targets: Array,
     if n == 0:
         return {}
     size = n if batch_size is None else batch_size
-    totals: dict[str, Array] = {}
+    totals: dict[str, float] = {}
     for start in range(0, n, size):
         out = eval_step(params, inputs[start:start + size], targets[start:start + size])
         rows = min(size, n - start)
-        for k, v in out.items():
-            totals[k] = totals.get(k, 0.0) + v * rows
-    return {k: float(v) / n for k, v in totals.items()}
+        for k, v in jax.device_get(out).items():
+            totals[k] = totals.get(k, 0.0) + float(v) * rows
+    return {k: v / n for k, v in totals.items()}
 
 
 # --- fit -------------------------------------------------------------------------
@@ -301,7 +301,8 @@ class FitResult(NamedTuple):
 
 
 def _copy(tree: Any) -> Any:
-    return jax.tree_util.tree_map(jnp.copy, tree)
+    """Fresh buffers (a snapshot that donation cannot delete), copied without compiling."""
+    return jax.tree_util.tree_map(lambda a: jax.device_put(a, may_alias=False), tree)
 
 
 @functools.lru_cache(maxsize=16)
@@ -330,7 +331,7 @@ def _fit_functions(net, loss, optimizer, grad, batch, scan_epoch, metrics, mesh=
         for xb, yb in zip(xs, ys):
             state, value = step(state, xb, yb)
             losses.append(value)
-        return state, jnp.stack(losses)
+        return state, np.asarray(jax.device_get(losses))
 
     return eval_step, run_epoch
 
