@@ -178,14 +178,20 @@ def layer_bwd(layer: Any, params: Params, residuals: Any, g: Any) -> tuple[Param
 
 # --- Dense -----------------------------------------------------------------
 
-def _transpose_for_matmul(x2: Array) -> Array:
+_MIN_MACS_TO_COPY = 1 << 20
+
+
+def _transpose_for_matmul(x2: Array, n_out: int) -> Array:
     """x₂ᵀ as its own row-major array on CPUs (a plain transpose elsewhere).
 
     XLA folds a transpose into the matmul that reads it; on CPUs the folded form xᵀ·δ
     (contracting the batch axis of both operands) misses the fast matmul path and runs
     10–20 % slower than copying xᵀ first (n_in·batch elements, cheap beside the matmul).
-    The optimization barrier keeps the copy.
+    The optimization barrier keeps the copy. Matmuls under 2²⁰ multiply-adds skip it: there
+    the extra operation costs more than it saves.
     """
+    if x2.shape[0] * x2.shape[1] * n_out < _MIN_MACS_TO_COPY:
+        return x2.T
     return jax.lax.platform_dependent(
         x2, cpu=lambda a: jax.lax.optimization_barrier(a.T), default=lambda a: a.T)
 
@@ -210,7 +216,7 @@ def _dense_matmul_jvp(primals, tangents):
         terms.append(dx @ w)
     if not isinstance(dw, jax.custom_derivatives.SymbolicZero):
         x2 = x.reshape(-1, x.shape[-1])
-        terms.append((_transpose_for_matmul(x2).T @ dw).reshape(y.shape))
+        terms.append((_transpose_for_matmul(x2, w.shape[-1]).T @ dw).reshape(y.shape))
     if not terms:
         return y, jnp.zeros_like(y)
     return y, terms[0] if len(terms) == 1 else terms[0] + terms[1]
@@ -257,7 +263,8 @@ def Dense(out_dim: int, W_init: Initializer = initializers.glorot_normal(),
     def bwd(params, x, g):
         x2 = x.reshape(-1, x.shape[-1])
         g2 = g.reshape(-1, g.shape[-1])
-        grads = {"w": _transpose_for_matmul(x2) @ g2, "b": jnp.sum(g2, axis=0)}
+        grads = {"w": _transpose_for_matmul(x2, g2.shape[-1]) @ g2,
+                 "b": jnp.sum(g2, axis=0)}
         return grads, g @ params["w"].T
 
     return Layer(init, apply, kind="dense", label=label, fwd=fwd, bwd=bwd,
