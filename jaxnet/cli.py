@@ -283,8 +283,10 @@ def _setup(args):
     widths = _hidden_widths(args)
     from . import datasets
 
+    if args.classes is not None and args.data in datasets.BUILTIN:
+        raise UsageError(f"--classes is for a user's file; {args.data} has its own classes")
     data = datasets.load(args.data, label_column=args.label_column, num_classes=args.classes,
-                         split_seed=args.split_seed, seed=args.seed)
+                         split_seed=args.split_seed)
     activation, output_activation = _activations(args, data.task)
     if args.batch_size > len(data.x_train):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the "
@@ -423,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train(args)
     except SystemExit as e:  # --help
         return int(e.code or 0)
+    except KeyboardInterrupt:  # before training started (fit handles it during training)
+        print("jaxnet train: interrupted before training started", file=sys.stderr)
+        return 130
     except UsageError as e:
         print(f"jaxnet train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
