@@ -255,8 +255,8 @@ def estimate_full(rows: list[dict], args) -> str:
         ((r["manual_nojit_us"] or 0) - r["manual_us"]) / (r["depth"] + 1) for r in rows) * 1e-6
     total = 0.0
     for p in points(False, args.device_scale):
-        _, _, flops = None, None, 6.0 * p["batch"] * p["width"] * (p["width"] * p["depth"]
-                                                                   + CLASSES)
+        # forward 2·B·Σ(n_in·n_out), backward twice that
+        flops = 6.0 * p["batch"] * p["width"] * (p["width"] * p["depth"] + CLASSES)
         step = flops / rate
         jit_s = 4 * step + max(args.budget, 2 * 3 * step)
         nojit_s = 0 if args.no_nojit else (4 * step + max(args.budget / 2, 2 * 3 * step)

@@ -18,6 +18,7 @@ from .activations import (
                           softplus,
                           tanh,
 )
+from .backprop import AutodiffFallbackWarning, manual_value_and_grad
 from .checks import ActivationCheckError, ActivationReport, check_activation
 from .collapse import collapse_linear
 from .combinators import FanInConcat, FanInSum, FanOut, mlp, parallel, residual, serial
@@ -61,6 +62,8 @@ __all__ = [
     # inspection
     "summary", "Summary", "collapse_linear", "check_activation", "ActivationReport",
     "ActivationCheckError",
+    # manual backpropagation
+    "manual_value_and_grad", "AutodiffFallbackWarning",
     # losses and metrics
     "softmax_cross_entropy", "cross_entropy", "l2_loss", "accuracy",
     # modules

@@ -19,7 +19,8 @@ else ``jax.grad(loss)`` for the output gradient only.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

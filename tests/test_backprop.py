@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 import warnings
 from functools import partial
 
@@ -408,3 +410,17 @@ def test_autodiff_fallback_is_opt_in_and_reported():
     with warnings.catch_warnings():  # warned once per input signature, not every trace
         warnings.simplefilter("error")
         jax.eval_shape(f, params, inputs, targets)
+
+
+# --- the example ---------------------------------------------------------------------
+
+def test_example_trains_the_same_curve_both_ways():
+    path = pathlib.Path(__file__).parent.parent / "examples" / "manual_backprop.py"
+    spec = importlib.util.spec_from_file_location("manual_backprop_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(["--steps", "20", "--batch", "32"])
+    assert out["manual"].shape == out["autodiff"].shape == (20,)
+    assert out["manual"].dtype == np.float32
+    np.testing.assert_allclose(out["manual"], out["autodiff"], rtol=1e-4)
+    assert out["manual"][-1] < out["manual"][0]
