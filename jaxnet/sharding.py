@@ -35,7 +35,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 __all__ = ["DATA", "MODEL", "Rule", "make_mesh", "dense_rules", "wide_dense_rules",
-           "param_specs", "state_shardings", "shard_state", "shard_batch", "shard_step",
+           "param_specs", "state_shardings", "shard_state", "shard_batch", "global_rows",
+           "shard_step",
            "initialize_distributed", "add_distributed_args", "process_rows", "save_sharded",
            "restore_sharded"]
 
@@ -134,8 +135,20 @@ def state_shardings(tree: Any, mesh: Mesh, rules: Sequence[Rule] = ()) -> Any:
 
 
 def shard_state(tree: Any, mesh: Mesh, rules: Sequence[Rule] = ()) -> Any:
-    """Place ``tree`` (a TrainState, params) on ``mesh`` by the rules (``jax.device_put``)."""
-    return jax.device_put(tree, state_shardings(tree, mesh, rules))
+    """Place ``tree`` (a TrainState, params) on ``mesh`` by the rules.
+
+    One process: ``jax.device_put``. Several: every process holds the same values (a state
+    made from the same key) and keeps the shards of its own devices
+    (``jax.make_array_from_callback``); already global arrays are resharded.
+    """
+    def place(x, sharding):
+        if jax.process_count() == 1 or (isinstance(x, jax.Array)
+                                        and not x.is_fully_addressable):
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    return jax.tree.map(place, tree, state_shardings(tree, mesh, rules))
 
 
 def _batch_spec(ndim: int, batch_axis: int) -> P:
@@ -153,6 +166,23 @@ def shard_batch(mesh: Mesh, local: Any, batch_axis: int = 0) -> Any:
         x = np.asarray(x)
         sharding = NamedSharding(mesh, _batch_spec(x.ndim, batch_axis))
         return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(one, local)
+
+
+def global_rows(mesh: Mesh, local: Any) -> Any:
+    """A data set (a pytree of arrays with rows first) as global arrays on ``mesh``.
+
+    One process: the whole data set, replicated on the mesh's devices. Several processes:
+    every process passes its own consecutive rows (:func:`process_rows`); the global array
+    is their concatenation in process order, its rows split over ``"data"``.
+    """
+    def one(a):
+        a = np.asarray(a)
+        if jax.process_count() == 1:
+            return jax.device_put(a, NamedSharding(mesh, P()))
+        return jax.make_array_from_process_local_data(
+            NamedSharding(mesh, _batch_spec(a.ndim, 0)), a)
 
     return jax.tree.map(one, local)
 

@@ -302,7 +302,8 @@ class FitResult(NamedTuple):
 
 def _copy(tree: Any) -> Any:
     """Fresh buffers (a snapshot that donation cannot delete), copied without compiling."""
-    return jax.tree_util.tree_map(lambda a: jax.device_put(a, may_alias=False), tree)
+    return jax.tree_util.tree_map(
+        lambda a: jax.device_put(a, getattr(a, "sharding", None), may_alias=False), tree)
 
 
 @functools.lru_cache(maxsize=16)
@@ -368,8 +369,10 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
       (e.g. to save a checkpoint or print metrics); its state is a copy, safe
       to keep.
     - ``mesh``, ``rules``: train sharded on a device mesh, as
-      :func:`make_train_step` (one process; with several, build the loop from
-      :func:`make_train_step` and :func:`jaxnet.sharding.shard_batch`).
+      :func:`make_train_step`. With several processes
+      (:func:`jaxnet.sharding.initialize_distributed`) every process passes
+      its own rows of ``train`` and ``val`` (:func:`jaxnet.sharding.process_rows`);
+      the run is the same as one process with all the rows.
 
     Compiles the step (or epoch) and the evaluation once, in the first epoch.
     A ``KeyboardInterrupt`` ends the run with ``stop_reason="interrupted"``
@@ -380,7 +383,11 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
     if patience is not None and (not isinstance(patience, int) or patience < 1):
         raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
-    x, y = (jnp.asarray(a) for a in train)
+    if mesh is not None:
+        from .sharding import global_rows
+        x, y = global_rows(mesh, tuple(train))
+    else:
+        x, y = (jnp.asarray(a) for a in train)
     if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
         raise ValueError(f"training data needs rows and as many targets as inputs, got "
                          f"{x.shape[0]} inputs and {y.shape[0]} targets")
@@ -394,7 +401,8 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
     if patience is not None and not has_val:
         raise ValueError("early stopping (patience) needs validation data")
     if has_val:
-        xv, yv = (jnp.asarray(a) for a in val)
+        xv, yv = global_rows(mesh, tuple(val)) if mesh is not None else (
+            jnp.asarray(a) for a in val)
     metrics = {"accuracy": _losses.accuracy} if metrics is None else dict(metrics)
     key = (net, loss, optimizer, grad, batch, scan_epoch, tuple(metrics.items()), mesh,
            tuple(rules))

@@ -142,11 +142,26 @@ def single_host(n_devices, out_path, tmp):
         json.dump(result, f)
 
 
+def fit_params(net, opt, xs, ys, mesh=None, own_rows=False, scan=True):
+    """fit for 2 epochs with validation and early stopping; ``own_rows``: pass only this
+    process's rows of the training and validation sets."""
+    x, y = xs.reshape(-1, 8), ys.reshape(-1)
+    rows = sharding.process_rows(len(x)) if own_rows else slice(None)
+    val_rows = sharding.process_rows(BATCH) if own_rows else slice(None)
+    data = (x[rows], y[rows])
+    val = (xs[0][val_rows], ys[0][val_rows])
+    r = train.fit(net, jaxnet.softmax_cross_entropy, opt, fresh_state(net, opt), data, val,
+                  epochs=2, batch_size=BATCH, scan_epoch=scan, patience=5, mesh=mesh)
+    return r.state.params, r.history["val_loss"]
+
+
 def reference(out_path):
     net, opt, xs, ys = problem()
     step = train.make_train_step(net, jaxnet.softmax_cross_entropy, opt)
     state = run_steps(step, fresh_state(net, opt), xs, ys)
-    np.savez(out_path, *[np.asarray(v) for v in jax.tree.leaves(state.params)])
+    fitted, val_loss = fit_params(net, opt, xs, ys)
+    np.savez(out_path, *[np.asarray(v) for v in jax.tree.leaves(state.params)],
+             *[np.asarray(v) for v in jax.tree.leaves(fitted)], np.asarray(val_loss))
 
 
 def multi_host(pid, nproc, port, out_path):
@@ -165,7 +180,13 @@ def multi_host(pid, nproc, port, out_path):
     leaves = [np.asarray(v.addressable_data(0)) for v in jax.tree.leaves(state.params)]
     spec = jax.tree.leaves(state.params)[0].sharding
     assert isinstance(spec, NamedSharding) and spec.spec == P(), spec
-    np.savez(out_path, *leaves)
+    # fit: every process passes only its own rows of the training and validation data
+    fitted = {}
+    for scan in (True, False):
+        params, val_loss = fit_params(net, opt, xs, ys, mesh, own_rows=True, scan=scan)
+        fitted[scan] = [np.asarray(v.addressable_data(0)) for v in jax.tree.leaves(params)]
+    assert all(np.array_equal(a, b) for a, b in zip(fitted[True], fitted[False], strict=True))
+    np.savez(out_path, *leaves, *fitted[True], np.asarray(val_loss))
     jax.distributed.shutdown()
 
 

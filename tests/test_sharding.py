@@ -96,6 +96,8 @@ def _free_port():
 
 
 def test_two_process_loopback_run_matches_one_process(tmp_path):
+    """Both processes end with identical params, equal to one process's: for steps on
+    batches assembled from each process's rows, and for fit (scanned and looped epochs)."""
     port = _free_port()
     outs = [tmp_path / f"p{i}.npz" for i in range(2)]
     procs = []
@@ -115,7 +117,9 @@ def test_two_process_loopback_run_matches_one_process(tmp_path):
     ref = tmp_path / "ref.npz"
     _run("reference", ref)
     a, b, r = (np.load(f) for f in (*outs, ref))
-    assert len(a.files) == len(r.files) == 6
+    # 6 params after make_train_step steps, 6 after fit (each process passing only its own
+    # rows of the training and validation sets), the validation losses of fit's epochs
+    assert len(a.files) == len(r.files) == 13
     for k in r.files:
         np.testing.assert_array_equal(a[k], b[k])  # both processes hold the same params
         np.testing.assert_allclose(a[k], r[k], rtol=0, atol=TOL)
