@@ -56,7 +56,7 @@ def train_digits(net, data, epochs, seed):
 
 
 def test_accuracy(net, params, data) -> float:
-    return float(jaxnet.accuracy(net.apply(params, data.x_test), data.y_test))
+    return float(jax.jit(lambda p: jaxnet.accuracy(net.apply(p, data.x_test), data.y_test))(params))
 
 
 def main(argv=None) -> dict:
@@ -77,8 +77,10 @@ def main(argv=None) -> dict:
         print(f"{name:40s} digits test accuracy {results[name]:.4f}")
         if "identity" in name:
             flat, flat_params = jaxnet.collapse_linear(net, params)
-            same = np.array_equal(np.argmax(net.apply(params, data.x_test), -1),
-                                  np.argmax(flat.apply(flat_params, data.x_test), -1))
+            def predict(n, p):
+                return np.argmax(jax.jit(n.apply)(p, data.x_test), -1)
+
+            same = np.array_equal(predict(net, params), predict(flat, flat_params))
             results["collapsed"] = test_accuracy(flat, flat_params, data)
             results["collapsed_same_predictions"] = bool(same)
             print(f"{'  collapsed: ' + describe(flat_params):40s} digits test accuracy "
