@@ -40,8 +40,15 @@ def _run(*args):
 def run(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"sharding{request.param}")
     out = tmp / "out.json"
-    _run("single-host", request.param, out, tmp)
+    # checks that do not depend on the device count (manual gradients, scanned epochs, fit,
+    # bad batch) run on 4 devices only, to keep the test short
+    _run("single-host", request.param, out, tmp, "full" if request.param == 4 else "layouts")
     return json.loads(out.read_text())
+
+
+def _needs_full(run):
+    if "epoch_diff" not in run:
+        pytest.skip("checked on 4 devices (does not depend on the device count)")
 
 
 def test_data_parallel_step_equals_single_device_step(run):
@@ -54,6 +61,7 @@ def test_data_parallel_step_equals_single_device_step(run):
 
 
 def test_manual_gradients_shard_the_same_way(run):
+    _needs_full(run)
     assert run["dp_manual_diff"] < TOL
 
 
@@ -68,10 +76,12 @@ def test_tensor_parallel_step_shards_wide_dense_weights_by_name(run):
 
 
 def test_scanned_epoch_on_the_mesh_equals_the_steps(run):
+    _needs_full(run)
     assert run["epoch_diff"] < TOL
 
 
 def test_fit_on_the_mesh_equals_fit_on_one_device(run):
+    _needs_full(run)
     assert run["fit_diff"] < TOL
     assert run["fit_w_spec"] == "P(None, 'model')"
 
@@ -85,6 +95,7 @@ def test_sharded_checkpoint_restores_values_and_shardings(run):
 
 
 def test_batch_that_does_not_split_over_the_data_axis_is_refused(run):
+    _needs_full(run)
     assert "does not split over the" in run["bad_batch_error"]
     assert f"divisible by {run['devices']}" in run["bad_batch_error"]
 
