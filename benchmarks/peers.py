@@ -649,7 +649,7 @@ def main(argv=None):
         epoch = config.endswith("_epoch")
         widths, batch = CONFIGS[config.removesuffix("_epoch")]
         log(f"== {config}: {'-'.join(map(str, widths))}, batch {batch}")
-        x, y = data(widths, batch)
+        x, y = (jnp.asarray(a) for a in data(widths, batch))  # device-resident, as in training
         if epoch:
             xs, ys = (jnp.asarray(a) for a in data(widths, batch, EPOCH_STEPS))
             specs = {"pure_jax": (make_pure_jax, (widths, x, y)),

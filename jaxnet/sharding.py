@@ -18,6 +18,15 @@ environment variables; afterwards ``jax.devices()`` lists every process's device
 process loads its own rows (:func:`process_rows`) and :func:`shard_batch` assembles them
 into one global batch. Checkpoints of sharded arrays: :func:`save_sharded` /
 :func:`restore_sharded` (orbax; every process writes and reads only its own shards).
+
+The same script on every host (``JAXNET_COORDINATOR=host0:1234 JAXNET_NUM_PROCESSES=2
+JAXNET_PROCESS_ID=<i> python train.py``; on TPU pods, SLURM or Open MPI ``auto=True``)::
+
+    from jaxnet import sharding, train
+    sharding.initialize_distributed()            # before any other JAX call
+    mesh = sharding.make_mesh()                  # all processes' devices on "data"
+    rows = sharding.process_rows(len(x))         # this process loads only these rows
+    result = train.fit(net, loss, opt, state, (x[rows], y[rows]), mesh=mesh)
 """
 
 from __future__ import annotations
