@@ -36,6 +36,15 @@ class UsageError(Exception):
     """Bad input: reported as one line, exit code 2."""
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except the unset ones (None, False) whose help says what happens."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line instead of argparse's usage block
         raise UsageError(message)
@@ -50,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a deep MLP with optax and report its test accuracy. With no flags: "
                     "2 hidden layers of 128 ReLU units on scikit-learn's digits, Adam 1e-3, "
                     "batch 32, up to 40 epochs with early stopping (patience 8).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Formatter)
     d = t.add_argument_group("data")
     d.add_argument("--data", default=DEFAULTS["data"], metavar="NAME|PATH",
                    help="built-in data set (digits, mnist1d, mnist5k, minimal) or a file: "
