@@ -645,7 +645,8 @@ def main(argv=None):
     result = {"device": device_name(), "versions": versions(), "rounds": rounds, "rows": []}
     log(f"{result['device']}; jax {jax.__version__}")
     all_peaks = []
-    for config in args.configs.split(","):
+    configs = args.configs.split(",")
+    for config in configs:
         epoch = config.endswith("_epoch")
         widths, batch = CONFIGS[config.removesuffix("_epoch")]
         log(f"== {config}: {'-'.join(map(str, widths))}, batch {batch}")
@@ -665,18 +666,25 @@ def main(argv=None):
             raise SystemExit(f"{config}: pure JAX failed: {skipped.get('pure_jax')}")
         times, peaks = measure(runners, rounds, target_s, per_call, peak_run, log)
         all_peaks += peaks
-        result["rows"] += summarise(config, widths, batch, times,
-                                    peak_flops / statistics.median(all_peaks) / 1e9, skipped)
+        result["rows"] += summarise(config, widths, batch, times, 1.0, skipped)
         del runners
+        write(result, all_peaks, peak_flops, args, final=config == configs[-1])
+
+
+def write(result, all_peaks, peak_flops, args, final):
+    """Fill in the peak (one for the whole run so far) and write the outputs; called after
+    every configuration, so that a run stopped early keeps what it measured."""
     peak_gflops = peak_flops / statistics.median(all_peaks) / 1e9
-    for row in result["rows"]:  # one peak for the whole run
+    for row in result["rows"]:
         if "gflops" in row:
             row["fraction_of_peak"] = row["gflops"] / peak_gflops
     result["peak_gflops"] = peak_gflops
     result["peak_gflops_range"] = [peak_flops / max(all_peaks) / 1e9,
                                    peak_flops / min(all_peaks) / 1e9]
+    result["complete"] = final
     md = markdown(result)
-    print(md)
+    if final:
+        print(md)
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(result, f, indent=1)

@@ -27,13 +27,14 @@ fi
   $PY -c 'import jax; print("jax", jax.__version__, jax.devices())'
 } | tee "$OUT/device.txt"
 
-# 1. the peer benchmark: all configurations, 5 interleaved rounds (about 2 minutes).
-timeout "$(left)" $PY benchmarks/peers.py --rounds 5 --target-ms 50 \
+# 1. the peer benchmark: all configurations, 5 interleaved rounds (about 2 minutes; at most
+#    200 s: results are written after every configuration, so a cut run keeps what it has).
+timeout "$(( $(left) < 200 ? $(left) : 200 ))" $PY benchmarks/peers.py --rounds 5 --target-ms 50 \
   --json "$OUT/peers.json" --markdown "$OUT/peers.md" --plot "$OUT/peers.png" \
   2> "$OUT/peers.log" || echo "peers.py stopped early (see $OUT/peers.log)" >&2
 
 # 2. rematerialisation: XLA memory_analysis() of depth 32 and 64 steps, with and without.
-timeout "$(left)" $PY benchmarks/remat_memory.py --depths 32,64 --width 1024 --batch 1024 \
+timeout "$(( $(left) < 60 ? $(left) : 60 ))" $PY benchmarks/remat_memory.py --depths 32,64 --width 1024 --batch 1024 \
   --json "$OUT/remat_memory.json" --markdown "$OUT/remat_memory.md" \
   2> "$OUT/remat_memory.log" || echo "remat_memory.py stopped early" >&2
 
