@@ -1,51 +1,55 @@
 """jaxnet: neural networks on JAX from pure (init, apply) layers with hand-written derivatives.
 
 The public surface is re-exported here; see each module for the math.
+Modules: activations, layers, combinators, summary, collapse, checks, losses,
+backprop, train, datasets, checkpoint, precision, sharding, cli.
 """
 
-from . import activations, losses
+from . import activations, checkpoint, datasets, losses, precision, sharding, train
 from .activations import (
-                          ACTIVATIONS,
-                          elu,
-                          gelu,
-                          identity,
-                          leaky_relu,
-                          log_softmax,
-                          relu,
-                          sigmoid,
-                          silu,
-                          softmax,
-                          softplus,
-                          tanh,
+    ACTIVATIONS,
+    elu,
+    gelu,
+    identity,
+    leaky_relu,
+    log_softmax,
+    relu,
+    sigmoid,
+    silu,
+    softmax,
+    softplus,
+    tanh,
 )
 from .backprop import AutodiffFallbackWarning, manual_value_and_grad
 from .checks import ActivationCheckError, ActivationReport, check_activation
 from .collapse import collapse_linear
 from .combinators import FanInConcat, FanInSum, FanOut, mlp, parallel, residual, serial
 from .layers import (
-                          Activation,
-                          Dense,
-                          Dropout,
-                          Elu,
-                          Flatten,
-                          Gelu,
-                          Identity,
-                          Layer,
-                          LayerNorm,
-                          LeakyRelu,
-                          LogSoftmax,
-                          NoBackwardRuleError,
-                          Relu,
-                          ShapeError,
-                          Sigmoid,
-                          Silu,
-                          Softmax,
-                          Softplus,
-                          Tanh,
-                          elementwise,
+    Activation,
+    Dense,
+    Dropout,
+    Elu,
+    Flatten,
+    Gelu,
+    Identity,
+    Layer,
+    LayerNorm,
+    LeakyRelu,
+    LogSoftmax,
+    NoBackwardRuleError,
+    Relu,
+    ShapeError,
+    Sigmoid,
+    Silu,
+    Softmax,
+    Softplus,
+    Tanh,
+    elementwise,
 )
 from .losses import accuracy, cross_entropy, l2_loss, softmax_cross_entropy
+from .precision import Policy, mixed_precision
 from .summary import Summary, summary
+from .train import TrainState, fit, init_state, make_epoch, make_eval_step, make_train_step
 
 __version__ = "0.1.0"
 
@@ -66,6 +70,10 @@ __all__ = [
     "manual_value_and_grad", "AutodiffFallbackWarning",
     # losses and metrics
     "softmax_cross_entropy", "cross_entropy", "l2_loss", "accuracy",
+    # training
+    "TrainState", "init_state", "make_train_step", "make_eval_step", "make_epoch", "fit",
+    # precision
+    "Policy", "mixed_precision",
     # modules
-    "activations", "losses",
+    "activations", "losses", "train", "datasets", "checkpoint", "precision", "sharding",
 ]
