@@ -224,3 +224,19 @@ def test_float16_training_with_dynamic_loss_scaling_skips_overflowing_steps():
     assert skipped < 20 and all_finite(params)
     assert losses[-1] < 0.5 * losses[0]
     assert jaxnet.accuracy(net.apply(params, x), y) > 0.9
+
+
+@pytest.mark.parametrize("grad", ["auto", "manual"])
+def test_mixed_precision_net_trains_with_make_train_step(grad):
+    from jaxnet import train
+    net = mixed_precision(jaxnet.mlp([32], 3, "relu"), "bfloat16")
+    opt = optax.adam(1e-2)
+    state = train.init_state(net, opt, jax.random.key(0), (-1, 8))
+    step = train.make_train_step(net, jaxnet.softmax_cross_entropy, opt, grad)
+    x, y = _blobs()
+    losses = []
+    for _ in range(25):
+        state, loss = step(state, x, y)
+        losses.append(float(loss))
+    assert _dtypes(state.params) == {"float32"} and np.isfinite(losses).all()
+    assert losses[-1] < 0.5 * losses[0]
