@@ -277,9 +277,10 @@ def estimate_full(rows: list[dict], args) -> str:
         # forward 2·B·Σ(n_in·n_out), backward twice that
         flops = 6.0 * p["batch"] * p["width"] * (p["width"] * p["depth"] + CLASSES)
         step = flops / rate
-        jit_s = 4 * step + max(args.budget, 2 * 3 * step)
-        nojit_s = 0 if args.no_nojit else (4 * step + max(args.budget / 2, 2 * 3 * step)
-                                           + 10 * nojit_overhead * (p["depth"] + 1))
+        # warm-up and sizing: 8 calls; then at least 3 paired rounds (6 calls)
+        jit_s = 8 * step + max(args.budget, 6 * step)
+        nojit_s = 0 if args.no_nojit else (8 * step + max(args.budget / 2, 6 * step)
+                                           + 14 * nojit_overhead * (p["depth"] + 1))
         total += compile_per_layer * (p["depth"] + 1) + jit_s + nojit_s
     return (f"full sweep ({len(points(False, args.device_scale))} points) estimated at "
             f"~{total / 60:.0f} min on this device (best measured rate {rate / 1e9:.1f} GFLOP/s)")
