@@ -143,9 +143,9 @@ def manual_value_and_grad(net: Any, loss: Loss, *,
       (``loss.fused_with``, ``loss.fused_grad``); for any other loss the
       output gradient ∂L/∂y comes from ``jax.grad(loss)``.
     - ``autodiff_fallback``: let layers without a hand-written backward rule
-      (a user's own, a stax layer) use ``jax.vjp``. Each trace then issues an
-      :class:`AutodiffFallbackWarning` naming them, and ``f.fallback_paths``
-      lists their paths. Without it such a layer raises
+      (a user's own, a stax layer) use ``jax.vjp``. The first call (or trace)
+      for each input signature then issues an :class:`AutodiffFallbackWarning`
+      naming them, and ``f.fallback_paths`` lists their paths. Without it such a layer raises
       :class:`~jaxnet.NoBackwardRuleError` naming its path.
 
     **Returns**
