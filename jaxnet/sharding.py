@@ -108,15 +108,15 @@ def _flat(tree: Any) -> list[tuple[str, Any]]:
 def param_specs(tree: Any, mesh: Mesh, rules: Sequence[Rule] = ()) -> Any:
     """A ``PartitionSpec`` for every leaf of ``tree`` (params, a TrainState, …) by the rules;
     ``P()`` (replicated) where no rule matches."""
-    compiled = [(re.compile(rf"(^|/){pattern}$"), spec) for pattern, spec in rules]
+    compiled = [(pattern, re.compile(rf"(^|/){pattern}$"), spec) for pattern, spec in rules]
 
     def spec_of(keys, leaf):
         path = _path(keys)
         shape = np.shape(leaf)
-        for regex, spec in compiled:
+        for pattern, regex, spec in compiled:
             if regex.search(path):
                 if len(spec) > len(shape):
-                    raise ValueError(f"sharding rule {regex.pattern[6:-1]!r} → {spec} does not "
+                    raise ValueError(f"sharding rule {pattern!r} → {spec} does not "
                                      f"fit '{path}' of shape {shape}")
                 for size, axes in zip(shape, spec, strict=False):
                     n = _axis_size(mesh, axes)

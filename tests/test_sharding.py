@@ -164,6 +164,12 @@ def test_rule_whose_axis_does_not_divide_names_the_path_and_shapes():
         sharding.param_specs(PARAMS, MESH, sharding.dense_rules("dense_1"))
 
 
+def test_rule_with_more_axes_than_the_leaf_is_refused():
+    with pytest.raises(ValueError, match=r"rule 'dense_0/b' → .* does not fit 'dense_0/b' of "
+                                         r"shape \(512,\)"):
+        sharding.param_specs(PARAMS, MESH, [("dense_0/b", P(None, "model"))])
+
+
 def test_mesh_needs_enough_devices():
     with pytest.raises(ValueError, match="needs 64 devices"):
         sharding.make_mesh(data=16, model=4)
