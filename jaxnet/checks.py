@@ -246,17 +246,20 @@ def _low_precision_dtypes():
 
 def _finite_checks(fn, derivative, x64, vector=False):
     results = []
-    for dt in _low_precision_dtypes():
-        info = jnp.finfo(dt)
-        x = jnp.asarray(np.clip(x64, float(info.min), float(info.max)), dt)
-        y = fn(x)
+    def evaluate(x):
         if vector:
             d = derivative(x, jnp.ones_like(x))
             g = jax.grad(lambda v: jnp.sum(fn(v)[..., 0]).astype(jnp.float32))(x)
         else:
             d = jax.vmap(derivative)(x)
             g = jax.vmap(jax.grad(fn))(x)
-        arrays = {"value": y, "derivative": d, "grad": g}
+        return {"value": fn(x), "derivative": d, "grad": g}
+
+    evaluate = jax.jit(evaluate)
+    for dt in _low_precision_dtypes():
+        info = jnp.finfo(dt)
+        x = jnp.asarray(np.clip(x64, float(info.min), float(info.max)), dt)
+        arrays = evaluate(x)
         bad = [k for k, v in arrays.items() if not bool(jnp.all(jnp.isfinite(v)))]
         wrong_dtype = [k for k, v in arrays.items() if v.dtype != jnp.dtype(dt)]
         ok = not bad and not wrong_dtype

@@ -137,14 +137,14 @@ def check_random_network(case, dtype, rtol):
 
 # Each example compiles three small programs (problem, manual, autodiff): 1-4 s on two
 # shared CPU cores. The example counts keep this file near a minute.
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(networks())
 def test_random_networks_agree_with_jax_grad_in_float64(case):
     value, ref_value = check_random_network(case, jnp.float64, 1e-10)
     assert value == ref_value  # the same forward computation: exactly equal
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(networks())
 def test_random_networks_agree_with_jax_grad_in_float32(case):
     value, ref_value = check_random_network(case, jnp.float32, 1e-4)

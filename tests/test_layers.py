@@ -130,10 +130,14 @@ def test_params_go_straight_into_optax():
     def loss(p):
         return jaxnet.softmax_cross_entropy(net.apply(p, x), labels)
 
+    @jax.jit
+    def step(params, state):
+        updates, state = opt.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
     before = loss(params)
     for _ in range(5):
-        updates, state = opt.update(jax.grad(loss)(params), state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = step(params, state)
     assert float(loss(params)) < float(before)
     assert list(params) == ["dense_0", "dense_1"]
 
