@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true",
                    help="no progress bar and no per-epoch lines (the bar also hides when "
                         "stderr is not a terminal)")
+    from .sharding import add_distributed_args
+
+    add_distributed_args(t)
+    t.add_argument_group("several hosts (jax.distributed)").add_argument(
+        "--data-parallel", action="store_true",
+        help="split every batch over all devices (a jax.sharding mesh; params replicated); "
+             "on by itself with several processes, each loading its own rows")
     return parser
 
 
@@ -279,6 +286,13 @@ _REASONS = {"epochs": "all epochs run", "early_stopping": "stopped early",
 
 
 def _train(args) -> int:
+    from . import sharding
+
+    try:  # before any other JAX call
+        distributed = sharding.initialize_distributed(args=args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    args.data_parallel = args.data_parallel or distributed
     try:
         run = _setup(args)
     except (ValueError, TypeError) as e:  # DataError, CheckpointError, bad settings
@@ -297,6 +311,8 @@ def _setup(args):
     data = datasets.load(args.data, label_column=args.label_column, num_classes=args.classes,
                          split_seed=args.split_seed)
     activation, output_activation = _activations(args, data.task)
+    if args.data_parallel:
+        data = _own_rows(args, data)
     if args.batch_size > len(data.x_train):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the "
                          f"{len(data.x_train)} training rows")
@@ -312,7 +328,7 @@ def _setup(args):
     loss = losses.l2_loss if not classification else (
         losses.cross_entropy if output_activation == "softmax" else losses.softmax_cross_entropy)
     metrics = {"accuracy": losses.accuracy} if classification else {}
-    steps_per_epoch = len(data.x_train) // args.batch_size
+    steps_per_epoch = _steps_per_epoch(args, data)
     optimizer = train.make_optimizer(args.optimizer, args.lr, args.schedule,
                                      total_steps=max(1, args.epochs * steps_per_epoch),
                                      steps_per_epoch=steps_per_epoch)
@@ -333,12 +349,49 @@ def _setup(args):
     return data, net, loss, metrics, optimizer, start, config, info, widths, out_dim
 
 
+def _steps_per_epoch(args, data) -> int:
+    """Steps in an epoch: every process's rows together make the global data set."""
+    import jax
+
+    rows = len(data.x_train) * (jax.process_count() if args.data_parallel else 1)
+    return rows // args.batch_size
+
+
+def _own_rows(args, data):
+    """With a data-parallel mesh: check the batch splits over the devices and, with several
+    processes, keep this process's consecutive share of the training and validation rows."""
+    import dataclasses
+
+    import jax
+
+    from . import sharding
+
+    devices = jax.device_count()
+    if args.batch_size % devices:
+        raise UsageError(f"--batch-size {args.batch_size} does not split over {devices} devices")
+    if args.checkpoint_dir and jax.process_count() > 1:
+        raise UsageError("--checkpoint-dir with several processes is not supported by the "
+                         "command line; use jaxnet.sharding.save_sharded in Python")
+    count = jax.process_count()
+    if count == 1:
+        return data
+
+    def mine(a):
+        n = len(a) - len(a) % count
+        return a[:n][sharding.process_rows(n)]
+
+    return dataclasses.replace(data, x_train=mine(data.x_train), y_train=mine(data.y_train),
+                               x_val=mine(data.x_val), y_val=mine(data.y_val))
+
+
 def _run(args, data, net, loss, metrics, optimizer, start, config, info, widths, out_dim) -> int:
+    import jax
+
     from . import checkpoint as ckpt
     from . import train
 
     activation, output_activation = config["activation"], config["output_activation"]
-    steps_per_epoch = len(data.x_train) // args.batch_size
+    steps_per_epoch = _steps_per_epoch(args, data)
     quiet = args.quiet
     _say(quiet, f"jaxnet train: {data.name} ({data.sizes['train']}/{data.sizes['val']}/"
                 f"{data.sizes['test']} train/val/test, {data.num_features} features), "
@@ -365,7 +418,8 @@ def _run(args, data, net, loss, metrics, optimizer, start, config, info, widths,
                        (data.x_val, data.y_val), epochs=args.epochs,
                        batch_size=args.batch_size, patience=args.patience or None,
                        grad=args.grad, scan_epoch=args.epoch_mode == "scan", metrics=metrics,
-                       progress=not quiet, on_epoch_end=on_epoch_end)
+                       progress=not quiet, on_epoch_end=on_epoch_end,
+                       mesh=_mesh(args))
     train_seconds = time.perf_counter() - t0
     interrupted = result.stop_reason == "interrupted"
     try:
@@ -395,9 +449,10 @@ def _run(args, data, net, loss, metrics, optimizer, start, config, info, widths,
         "config": config, "steps_per_epoch": steps_per_epoch, "resumed": bool(args.resume),
         "history": history,
     }
-    if args.report:
+    lead = jax.process_index() == 0  # with several processes, process 0 writes the files
+    if args.report and lead:
         _write_json(args.report, report)
-    if args.plot and history.get("epoch"):
+    if args.plot and history.get("epoch") and lead:
         plot_history(history, args.plot, f"{data.name}: MLP {'-'.join(map(str, widths))}")
 
     if result.stop_reason == "nan":
@@ -420,6 +475,14 @@ def _run(args, data, net, loss, metrics, optimizer, start, config, info, widths,
         return 130
     print(line)
     return 0
+
+
+def _mesh(args):
+    if not args.data_parallel:
+        return None
+    from .sharding import make_mesh
+
+    return make_mesh()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -136,6 +136,37 @@ def test_two_process_loopback_run_matches_one_process(tmp_path):
         np.testing.assert_allclose(a[k], r[k], rtol=0, atol=TOL)
 
 
+def test_jaxnet_train_runs_on_two_processes_from_environment_variables(tmp_path):
+    """The same `jaxnet train` command on two loopback processes (jax.distributed from the
+    JAXNET_* variables): each loads its own rows, both end with the same test result, and
+    process 0 writes the report."""
+    port = _free_port()
+    procs = []
+    try:
+        for i in range(2):
+            env = {**_env(), "JAXNET_COORDINATOR": f"127.0.0.1:{port}",
+                   "JAXNET_NUM_PROCESSES": "2", "JAXNET_PROCESS_ID": str(i)}
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "jaxnet", "train", "--hidden", "8", "--epochs", "2",
+                 "--batch-size", "64", "--quiet", "--report", str(tmp_path / f"r{i}.json")],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        outs = []
+        for i, p in enumerate(procs):
+            out, err = p.communicate(timeout=TIMEOUT)
+            assert p.returncode == 0, f"process {i} failed:\n{err[-4000:]}"
+            outs.append(out.strip().splitlines()[-1])  # gloo prints its own lines first
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+    assert outs[0].split("(")[0] == outs[1].split("(")[0]  # the same test accuracy and loss
+    assert "test accuracy" in outs[0]
+    report = json.loads((tmp_path / "r0.json").read_text())
+    assert report["epochs_run"] == 2 and report["steps_per_epoch"] == 1257 // 64
+    assert not (tmp_path / "r1.json").exists()
+
+
 # --- in-process: rules, mesh and entry-point arguments --------------------------------
 
 MESH = AbstractMesh((2, 4), (sharding.DATA, sharding.MODEL))
