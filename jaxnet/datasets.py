@@ -101,18 +101,13 @@ def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, where: str =
     if y.ndim < 1 or len(y) != len(x):
         raise DataError(f"{where}: features and labels have different lengths "
                         f"({len(x)} rows of features, {len(y) if y.ndim else 0} labels)")
-    if not np.issubdtype(x.dtype, np.number):
-        raise DataError(f"{where}: features must be numbers, got dtype {x.dtype}")
-    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-    if bad.any():
-        raise DataError(f"{where}: features contain NaN or infinity (first in row "
-                        f"{int(np.argmax(bad))}, {int(bad.sum())} rows in all)")
-    if not np.issubdtype(y.dtype, np.number):
-        raise DataError(f"{where}: labels must be numbers, got dtype {y.dtype}")
-    bad = ~np.isfinite(y.reshape(len(y), -1)).all(axis=1)
-    if bad.any():
-        raise DataError(f"{where}: labels contain NaN or infinity (first in row "
-                        f"{int(np.argmax(bad))})")
+    for what, a in (("features", x), ("labels", y)):
+        if not np.issubdtype(a.dtype, np.number):
+            raise DataError(f"{where}: {what} must be numbers, got dtype {a.dtype}")
+        bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+        if bad.any():
+            raise DataError(f"{where}: {what} contain NaN or infinity (first in row "
+                            f"{int(np.argmax(bad))}, {int(bad.sum())} rows in all)")
     if num_classes is None:
         return
     if y.ndim != 1:

@@ -1,5 +1,6 @@
 """jaxnet.datasets: offline loaders, their shapes and fixed splits, user files, bad data."""
 
+import importlib
 import random
 
 import numpy as np
@@ -52,6 +53,9 @@ def test_mnist5k_is_shuffled_before_splitting():
 
 
 def test_mnist1d_leaves_the_global_random_state_alone():
+    # Import first: importing these packages may draw from Python's random module itself.
+    importlib.import_module("mnist1d.data")
+    importlib.import_module("sklearn.model_selection")
     np.random.seed(123)
     random.seed(123)
     want = (np.random.rand(), random.random())
