@@ -120,9 +120,11 @@ def mixed_precision(layer: Any, policy: str | Policy = "bfloat16") -> Layer:
         return pol.cast_to_param(grads), gx
 
     name = jnp.dtype(pol.compute_dtype).name
-    return Layer(init, apply, kind=getattr(layer, "kind", "layer"),
+    # Its own kind (not the wrapped layer's): code that walks a serial's children (summary,
+    # the fused loss pairs of the manual pass) must not mistake the wrapper for the serial.
+    return Layer(init, apply, kind="mixed_precision",
                  label=f"mixed_precision({label_of(layer)}, {name})", fwd=fwd, bwd=bwd,
-                 children=getattr(layer, "children", ()), config={"policy": pol})
+                 children=(("", layer),), config={"policy": pol})
 
 
 # --- dynamic loss scaling -----------------------------------------------------------

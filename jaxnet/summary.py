@@ -96,6 +96,8 @@ def _leaf(layer, shape, path, rng, rows):
 
 def _walk(layer, shape, path, rng, rows):
     kind = layer.kind if isinstance(layer, Layer) else None
+    if kind == "mixed_precision":  # a wrapper: the same params and shapes as what it wraps
+        return _walk(layer.children[0][1], shape, path, rng, rows)
     if kind not in ("serial", "residual", "parallel"):
         return _leaf(layer, shape, path or label_of(layer), rng, rows)
     keys = jax.random.split(rng, len(layer.children))

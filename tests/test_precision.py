@@ -4,6 +4,7 @@ dynamic loss scaling."""
 
 from functools import partial
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -240,3 +241,19 @@ def test_mixed_precision_net_trains_with_make_train_step(grad):
         losses.append(float(loss))
     assert _dtypes(state.params) == {"float32"} and np.isfinite(losses).all()
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_manual_gradients_and_summary_of_a_wrapped_net_with_a_fused_output():
+    """The wrapper is not mistaken for the serial it wraps: the manual pass takes the
+    unfused path through it (and agrees with jax.grad), summary sees the inner layers."""
+    net = jaxnet.mixed_precision(jaxnet.mlp([8], 3, "relu", "log_softmax"), "float32")
+    _, params = net.init(jax.random.key(0), (-1, 4))
+    x, t = jax.random.normal(jax.random.key(1), (5, 4)), jnp.arange(5) % 3
+    f = jaxnet.manual_value_and_grad(net, jaxnet.softmax_cross_entropy)
+    value, grads = f(params, x, t)
+    want_value, want = jax.value_and_grad(
+        lambda p: jaxnet.softmax_cross_entropy(net.apply(p, x), t))(params)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-7)
+    s = jaxnet.summary(net, (-1, 4))
+    assert (s.depth, s.width, s.param_count) == (1, 8, 4 * 8 + 8 + 8 * 3 + 3)
