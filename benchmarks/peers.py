@@ -414,19 +414,25 @@ def _torch_model(widths, x, y):
         np.asarray(y).astype(np.int64)).to(dev)
 
 
-def make_torch_eager(widths, x, y):
-    torch, model, opt, tx, ty = _torch_model(widths, x, y)
+def _torch_loop(opt, forward, ty, step):
+    """n training steps: zero the grads, cross-entropy of ``forward()``, backward, ``step()``."""
+    import torch
 
     def run(n):
         loss = None
         for _ in range(n):
             opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(model(tx), ty)
+            loss = torch.nn.functional.cross_entropy(forward(), ty)
             loss.backward()
-            opt.step()
+            step()
         return loss.item()
 
     return run
+
+
+def make_torch_eager(widths, x, y):
+    torch, model, opt, tx, ty = _torch_model(widths, x, y)
+    return _torch_loop(opt, lambda: model(tx), ty, opt.step)
 
 
 def make_torch_compile(widths, x, y):
@@ -437,16 +443,7 @@ def make_torch_compile(widths, x, y):
     def opt_step():
         opt.step()
 
-    def run(n):
-        loss = None
-        for _ in range(n):
-            opt.zero_grad(set_to_none=True)
-            loss = torch.nn.functional.cross_entropy(cmodel(tx), ty)
-            loss.backward()
-            opt_step()
-        return loss.item()
-
-    return run
+    return _torch_loop(opt, lambda: cmodel(tx), ty, opt_step)
 
 
 BUILDERS: dict[str, Callable] = {
