@@ -466,7 +466,11 @@ def softmax(a: ArrayLike, axis: int | tuple[int, ...] = -1) -> Array:
 
 def _log_softmax_formula(a, axis=-1):
     shifted = a - lax.stop_gradient(jnp.max(a, axis, keepdims=True))
-    return shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis, keepdims=True))
+    out = shifted - jnp.log(jnp.sum(jnp.exp(shifted), axis, keepdims=True))
+    # aᵢ − max a can lie below the dtype's range (float16: a spread over 65504), where the
+    # rounded result is −inf; saturate at the most negative finite value instead (σᵢ = e^out
+    # is 0 there either way).
+    return jnp.maximum(out, jnp.finfo(out.dtype).min)
 
 
 def log_softmax_jvp(y: Array, t: Array, axis: int | tuple[int, ...] = -1) -> Array:

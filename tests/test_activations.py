@@ -169,6 +169,18 @@ def test_the_issue_extremes(dtype):
     assert bool(jnp.all(jnp.isfinite(ls)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_log_softmax_saturates_where_the_true_value_is_below_the_dtype(dtype):
+    # a spread of the whole range: log σ₀ = a₀ − max a − log 2 lies below finfo.min, which
+    # rounds to −inf; the output saturates at finfo.min, and its gradient stays finite.
+    info = jnp.finfo(dtype)
+    a = jnp.array([info.min / 2, info.max / 2 + info.max / 4], dtype)
+    ls = jaxnet.log_softmax(a)
+    assert float(ls[0]) == float(info.min) and float(ls[1]) == 0.0
+    g = jax.grad(lambda v: jnp.sum(jaxnet.log_softmax(v) * jnp.array([1, 2], dtype)))(a)
+    assert bool(jnp.all(jnp.isfinite(g))) and g.dtype == dtype
+
+
 def test_seed_softmax_example():
     y = jaxnet.softmax(jnp.array([-0.21, 0.47, 1.72]))
     np.testing.assert_allclose(y, [0.1, 0.2, 0.7], atol=0.005)
