@@ -405,6 +405,11 @@ def _torch_model(widths, x, y):
         raise Skip(f"{e} (pip install torch==2.13.0)") from None
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda":
+        # JAX's default float32 matmul precision on a GPU is TF32; let PyTorch use it too, or
+        # the comparison would be of two precisions (recorded as "matmul_precision").
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     layers = []
     for m, n in zip(widths[:-2], widths[1:-1], strict=False):
         layers += [torch.nn.Linear(m, n), torch.nn.ReLU()]
@@ -639,7 +644,10 @@ def main(argv=None):
         print(msg, file=sys.stderr, flush=True)
 
     peak_run, peak_flops = make_peak()
-    result = {"device": device_name(), "versions": versions(), "rounds": rounds, "rows": []}
+    result = {"device": device_name(), "versions": versions(), "rounds": rounds, "rows": [],
+              "matmul_precision": ("float32 (CPU)" if jax.default_backend() == "cpu" else
+                                   "JAX's default for float32 on this backend (TF32 on NVIDIA "
+                                   "GPUs); PyTorch set to TF32 to match")}
     log(f"{result['device']}; jax {jax.__version__}")
     all_peaks = []
     configs = args.configs.split(",")
