@@ -517,6 +517,9 @@ def measure(runners, rounds, target_s, per_call_steps, peak_run, log):
     names = list(runners)
     t_ref = timed(runners["pure_jax"], 3) * per_call_steps.get("pure_jax", 1)
     n_inner = max(1, round(target_s / t_ref))
+    # the peak's matmuls, as many as fill about a quarter of a measurement (at least 4): on a
+    # GPU one 2048² product takes ~0.1 ms, and 4 of them timed alone vary by 2×.
+    n_peak = max(4, round(target_s / 4 / timed(peak_run, 4)))
     times = {k: [] for k in names}
     peaks = []
     for r in range(rounds):
@@ -524,8 +527,8 @@ def measure(runners, rounds, target_s, per_call_steps, peak_run, log):
         for name in order:
             k = max(1, n_inner // per_call_steps.get(name, 1))
             times[name].append(timed(runners[name], k) / per_call_steps.get(name, 1))
-        peaks.append(timed(peak_run, 4))
-    log(f"    {rounds} rounds × {n_inner} steps per variant")
+        peaks.append(timed(peak_run, n_peak))
+    log(f"    {rounds} rounds × {n_inner} steps per variant, {n_peak} peak matmuls per round")
     return times, peaks
 
 

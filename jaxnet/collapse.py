@@ -16,6 +16,7 @@ from typing import Any
 
 from .combinators import residual, serial
 from .layers import Dense, Layer, Params
+from .precision import mixed_precision
 
 __all__ = ["collapse_linear"]
 
@@ -48,7 +49,7 @@ def _collapse_children(children, params: Params) -> tuple[list[Any], list[Params
         if kind == "identity":
             continue
         flush()
-        if kind in ("serial", "residual"):
+        if kind in _BLOCKS:
             child, p = _collapse(child, p)
         layers.append(child)
         layer_params.append(p)
@@ -58,7 +59,16 @@ def _collapse_children(children, params: Params) -> tuple[list[Any], list[Params
     return layers, layer_params
 
 
+_BLOCKS = ("serial", "residual", "mixed_precision")
+
+
 def _collapse(net: Layer, params: Params) -> tuple[Layer, Params]:
+    if net.kind == "mixed_precision":  # collapse the wrapped net, under the same policy
+        (_, inner), = net.children
+        if not (isinstance(inner, Layer) and inner.kind in _BLOCKS):
+            return net, params
+        new_inner, new_params = _collapse(inner, params)
+        return mixed_precision(new_inner, net.config["policy"]), new_params
     layers, layer_params = _collapse_children(net.children, params)
     new = residual(*layers) if net.kind == "residual" else serial(*layers)
     new_params = {name: p for (name, _), p in zip(new.children, layer_params) if p}
@@ -69,7 +79,9 @@ def collapse_linear(net: Any, params: Params) -> tuple[Layer, Params]:
     """Fuse runs of Dense layers that have no non-linearity between them.
 
     Arguments:
-      net: a ``serial`` (or ``residual``) net; a lone Dense is returned as is.
+      net: a ``serial`` or ``residual`` net, or one wrapped in ``mixed_precision``
+        (the wrapped net is collapsed and rewrapped under the same policy; the fused
+        W*, b* are computed in the params' dtype); a lone Dense is returned as is.
       params: its parameters, as returned by ``net.init``.
 
     Returns:
@@ -77,8 +89,9 @@ def collapse_linear(net: Any, params: Params) -> tuple[Layer, Params]:
       net.apply(params, x)`` up to rounding: each run (W₁, b₁), …, (W_k, b_k)
       becomes W* = W₁⋯W_k, b* = ((b₁W₂ + b₂)W₃ + …)W_k + b_k.
     """
-    if not isinstance(net, Layer) or net.kind not in ("serial", "residual"):
+    if not isinstance(net, Layer) or net.kind not in _BLOCKS:
         if isinstance(net, Layer) and net.kind == "dense":
             return net, params
-        raise TypeError(f"collapse_linear needs a serial or residual jaxnet net, got {net!r}")
+        raise TypeError("collapse_linear needs a serial, residual or mixed_precision jaxnet "
+                        f"net, got {net!r}")
     return _collapse(net, params)

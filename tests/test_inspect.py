@@ -89,8 +89,22 @@ def test_collapse_of_a_linear_mlp():
     _outputs_equal(net, params, new_net, new_params, 4)
 
 
+def test_collapse_inside_mixed_precision_keeps_the_policy():
+    net = jaxnet.mixed_precision(jaxnet.mlp([16, 16], 3, activation="identity"), "float32")
+    _, params = net.init(KEY, (-1, 4))
+    new_net, new_params = collapse_linear(net, params)
+    assert new_net.kind == "mixed_precision"
+    assert new_net.config["policy"] == net.config["policy"]
+    assert jaxnet.summary(new_net, (-1, 4)).depth == 0
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    # float32 compute: W₁(W₂W₃) against (xW₁)W₂W₃ differ by reassociation, a few float32
+    # ulps (eps 1.2e-7) on sums of 16 terms.
+    chex.assert_trees_all_close(new_net.apply(new_params, x), net.apply(params, x),
+                                rtol=1e-5, atol=1e-6)
+
+
 def test_collapse_needs_a_jaxnet_net():
-    with pytest.raises(TypeError, match="serial or residual"):
+    with pytest.raises(TypeError, match="serial, residual or mixed_precision"):
         collapse_linear(Relu, {})
 
 
