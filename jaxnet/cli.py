@@ -29,7 +29,8 @@ DEFAULTS = {"data": "digits", "hidden": "128,128", "activation": "relu", "optimi
 
 # Settings a resumed run must share with the checkpoint's run.
 _RESUME_KEYS = ("data", "label_column", "classes", "split_seed", "hidden", "activation",
-                "output_activation", "optimizer", "lr", "schedule", "batch_size", "seed", "grad")
+                "output_activation", "dropout", "optimizer", "lr", "schedule", "batch_size",
+                "seed", "grad")
 
 
 class UsageError(Exception):
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output activation: log_softmax (default for classes; loss: softmax "
                         "cross-entropy), softmax (loss: cross-entropy of probabilities) or "
                         "identity (logits; default for regression, loss: L2)")
+    n.add_argument("--dropout", type=float, default=0.0, metavar="RATE",
+                   help="probability of dropping a hidden unit in training (a Dropout after "
+                        "every hidden activation; off in evaluation)")
     o = t.add_argument_group("optimisation")
     o.add_argument("--optimizer", default=DEFAULTS["optimizer"],
                    help="sgd, momentum (0.9), adam, adamw, rmsprop")
@@ -170,6 +174,9 @@ def _check_numbers(args) -> None:
                              ("--checkpoint-every", args.checkpoint_every, 1)):
         if value < low:
             raise UsageError(f"{flag} must be at least {low}, got {value}")
+    if not (math.isfinite(args.dropout) and 0 <= args.dropout < 1):
+        raise UsageError(f"--dropout is the probability of dropping a unit and must be in "
+                         f"[0, 1), got {args.dropout}")
     if args.classes is not None and args.classes < 1:
         raise UsageError(f"--classes must be at least 1, got {args.classes}")
     if args.resume and not args.checkpoint_dir:
@@ -196,7 +203,8 @@ def _activations(args, task: str) -> tuple[str, str]:
 def _config(args, widths, output_activation) -> dict[str, Any]:
     return {"data": args.data, "label_column": args.label_column, "classes": args.classes,
             "split_seed": args.split_seed, "hidden": widths, "activation": args.activation,
-            "output_activation": output_activation, "optimizer": args.optimizer, "lr": args.lr,
+            "output_activation": output_activation, "dropout": args.dropout,
+            "optimizer": args.optimizer, "lr": args.lr,
             "schedule": args.schedule, "batch_size": args.batch_size, "epochs": args.epochs,
             "patience": args.patience, "seed": args.seed, "grad": args.grad,
             "epoch_mode": args.epoch_mode}
@@ -324,7 +332,7 @@ def _setup(args):
 
     classification = data.task == "classification"
     out_dim = data.num_classes if classification else data.y_train.shape[1]
-    net = mlp(widths, out_dim, activation, output_activation)
+    net = mlp(widths, out_dim, activation, output_activation, dropout=args.dropout)
     loss = losses.l2_loss if not classification else (
         losses.cross_entropy if output_activation == "softmax" else losses.softmax_cross_entropy)
     metrics = {"accuracy": losses.accuracy} if classification else {}
@@ -343,9 +351,10 @@ def _setup(args):
         saved = meta.get("config", {})
         keys = _RESUME_KEYS + (("epochs",) if "cosine" in args.schedule else ())
         for key in keys:
-            if saved.get(key) != config[key]:
+            was = saved.get(key, 0.0 if key == "dropout" else None)  # before --dropout: none
+            if was != config[key]:
                 raise UsageError(f"--resume: the checkpoint was trained with {key} = "
-                                 f"{saved.get(key)!r}, this run has {config[key]!r}")
+                                 f"{was!r}, this run has {config[key]!r}")
     return data, net, loss, metrics, optimizer, start, config, info, widths, out_dim
 
 

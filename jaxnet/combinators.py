@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from . import activations as acts
 from .layers import (
     Dense,
+    Dropout,
     Layer,
     Params,
     ShapeError,
@@ -357,17 +358,20 @@ def residual(*layers: Any) -> Layer:
 
 
 def mlp(hidden_widths: Sequence[int], out_dim: int, activation: str = "relu",
-        output_activation: str | None = None, *, remat: bool | Callable = False,
-        remat_every: int | None = None) -> Layer:
+        output_activation: str | None = None, *, dropout: float = 0.0,
+        remat: bool | Callable = False, remat_every: int | None = None) -> Layer:
     """A deep multilayer perceptron.
 
     serial(Dense(h₁), f, Dense(h₂), f, …, Dense(out_dim), g) with f the hidden
     ``activation`` and g the ``output_activation`` (``None`` or ``"identity"``:
     linear outputs, e.g. logits). Its depth is ``len(hidden_widths)``, its
-    width ``max(hidden_widths + [out_dim])``. ``remat``/``remat_every``: see
-    :func:`serial` (rematerialise the ``jax.grad`` path of deep nets).
+    width ``max(hidden_widths + [out_dim])``. ``dropout``: the probability of
+    dropping a hidden unit; > 0 puts a :func:`Dropout` after every hidden f
+    (apply then needs ``rng=`` in training, see :func:`Dropout`).
+    ``remat``/``remat_every``: see :func:`serial` (rematerialise the
+    ``jax.grad`` path of deep nets).
 
-    >>> net = mlp([50, 50], 10, "relu", "softmax")
+    >>> net = mlp([50, 50], 10, "relu", "softmax", dropout=0.1)
     """
     widths = list(hidden_widths)
     for w in widths + [out_dim]:
@@ -377,9 +381,12 @@ def mlp(hidden_widths: Sequence[int], out_dim: int, activation: str = "relu",
     acts.get(activation)
     if output_activation is not None:
         acts.get(output_activation)
+    if not (isinstance(dropout, (int, float)) and 0 <= dropout < 1):
+        raise ValueError(f"mlp dropout is the probability of dropping a unit and must be in "
+                         f"[0, 1), got {dropout!r}")
     layers: list[Any] = []
     for w in widths:
-        layers += [Dense(w), elementwise(activation)]
+        layers += [Dense(w), elementwise(activation)] + ([Dropout(dropout)] if dropout else [])
     layers.append(Dense(out_dim))
     if output_activation not in (None, "identity"):
         layers.append(elementwise(output_activation))

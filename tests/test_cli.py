@@ -96,6 +96,7 @@ def bad_inputs(tmp):
         "bad widths": (["--hidden", "64,x"], "--hidden must be comma-separated integers"),
         "depth without width": (["--depth", "3"], "--depth and --width go together"),
         "negative learning rate": (["--lr", "-0.1"], "--lr must be a positive number"),
+        "dropout of one": (["--dropout", "1"], "--dropout is the probability of dropping"),
         "zero batch": (["--batch-size", "0"], "--batch-size must be at least 1"),
         "batch too big": (["--batch-size", "5000"], "larger than the 1257 training rows"),
         "resume without a directory": (["--resume"], "--resume needs --checkpoint-dir"),
@@ -113,7 +114,7 @@ def bad_inputs(tmp):
     "labels outside [0, classes)", "negative label", "lengths differ", "NaN in data",
     "empty data set", "unknown data set", "unknown optimizer", "unknown activation",
     "unknown output activation", "bad widths", "depth without width", "negative learning rate",
-    "zero batch", "batch too big", "resume without a directory", "resume from nothing",
+    "dropout of one", "zero batch", "batch too big", "resume without a directory", "resume from nothing",
     "csv without a label column", "csv with a wrong label column", "unknown flag",
     "not a number"])
 def test_bad_input_is_one_line_and_exit_code_2_before_training(case, tmp_path, capsys,
@@ -217,6 +218,20 @@ def test_a_csv_file_with_a_label_column_trains(tmp_path):
     saved = json.loads(report.read_text())
     assert saved["data"]["features"] == 2 and saved["data"]["classes"] == 2
     assert saved["data"]["train"] + saved["data"]["val"] + saved["data"]["test"] == 60
+
+
+def test_dropout_trains_the_same_with_manual_and_auto_gradients(tmp_path):
+    # the same per-step dropout keys (fold_in(key, step)) in both backward passes
+    reports = {}
+    for grad in ("auto", "manual"):
+        path = tmp_path / f"{grad}.json"
+        assert train("--epochs", "2", "--dropout", "0.3", "--grad", grad,
+                     "--report", str(path)) == 0
+        reports[grad] = json.loads(path.read_text())
+    assert reports["auto"]["config"]["dropout"] == 0.3
+    np.testing.assert_allclose(reports["manual"]["history"]["batch_loss"],
+                               reports["auto"]["history"]["batch_loss"], rtol=1e-9)
+    assert reports["auto"]["test_accuracy"] > 0.5
 
 
 def test_python_dash_m_jaxnet_train_runs(tmp_path):

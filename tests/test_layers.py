@@ -208,6 +208,13 @@ def test_mlp_structure():
     labels = [child.label for _, child in net.children]
     assert labels == ["Dense(50)", "Relu", "Dense(50)", "Relu", "Dense(10)", "Softmax"]
     assert [c.label for _, c in jaxnet.mlp([4], 2).children] == ["Dense(4)", "Relu", "Dense(2)"]
+    dropped = jaxnet.mlp([4, 4], 2, dropout=0.25)
+    assert [c.label for _, c in dropped.children] == [
+        "Dense(4)", "Relu", "Dropout(0.25)", "Dense(4)", "Relu", "Dropout(0.25)", "Dense(2)"]
+    _, params = dropped.init(KEY, (-1, 3))
+    x = jnp.ones((5, 3))
+    chex.assert_trees_all_equal(dropped.apply(params, x, mode="eval"),
+                                jaxnet.mlp([4, 4], 2).apply(params, x))
 
 
 # --- bad input ---------------------------------------------------------------
@@ -258,6 +265,8 @@ def test_bad_widths(width):
 def test_bad_dropout_rate(rate):
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         Dropout(rate)
+    with pytest.raises(ValueError, match=r"mlp dropout .*\[0, 1\)"):
+        jaxnet.mlp([8], 2, dropout=rate)
 
 
 def test_unknown_activation_in_mlp():
