@@ -47,6 +47,21 @@ def _flatten(tree: Any) -> dict[str, Any]:
     return {_path_name(p): v for p, v in leaves}
 
 
+def _arrays(tree: Any) -> dict[str, Any]:
+    """The leaves by path; jax arrays stay as they are (sharded ones too: with several
+    processes each writes its own shards, orbax's way), anything else becomes numpy."""
+    return {k: v if isinstance(v, jax.Array) else np.asarray(v)
+            for k, v in _flatten(tree).items()}
+
+
+def _targets(template: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+    """Restore targets: each array's shape and dtype, and its sharding where the template's
+    leaf has one (so every process gets back arrays laid out like the fresh run's)."""
+    return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype,
+                                    sharding=v.sharding if isinstance(v, jax.Array) else None)
+            for k, v in template.items()}
+
+
 def _manager(directory: str, keep: int = 2, create: bool = False):
     import orbax.checkpoint as ocp
 
@@ -71,11 +86,9 @@ def save_checkpoint(directory: str, progress: FitProgress, meta: dict | None = N
 
     if keep < 1:
         raise ValueError(f"keep must be at least 1, got {keep}")
-    state = {k: np.asarray(v) for k, v in _flatten(progress.state).items()}
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {"state": ocp.args.StandardSave(_arrays(progress.state))}
     if progress.best_params is not None:
-        items["best"] = ocp.args.StandardSave(
-            {k: np.asarray(v) for k, v in _flatten(progress.best_params).items()})
+        items["best"] = ocp.args.StandardSave(_arrays(progress.best_params))
     best = progress.best_val_loss
     items["meta"] = ocp.args.JsonSave({
         "format": FORMAT, "epoch": progress.epoch, "history": progress.history,
@@ -156,12 +169,10 @@ def restore_checkpoint(directory: str, template: TrainState, *,
             raise CheckpointError(f"{where}: not a jaxnet training checkpoint (format {found!r})")
         want = _flatten(template)
         _check_against(stored, want, where)
-        targets = {"state": ocp.args.StandardRestore(
-            {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in want.items()})}
+        targets = {"state": ocp.args.StandardRestore(_targets(want))}
         want_best = _flatten(template.params)
         if meta["has_best"]:
-            targets["best"] = ocp.args.StandardRestore(
-                {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype) for k, v in want_best.items()})
+            targets["best"] = ocp.args.StandardRestore(_targets(want_best))
         try:
             if meta["has_best"]:
                 stored_best = mngr.item_metadata(epoch)["best"]

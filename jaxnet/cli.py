@@ -378,9 +378,6 @@ def _own_rows(args, data):
     devices = jax.device_count()
     if args.batch_size % devices:
         raise UsageError(f"--batch-size {args.batch_size} does not split over {devices} devices")
-    if args.checkpoint_dir and jax.process_count() > 1:
-        raise UsageError("--checkpoint-dir with several processes is not supported by the "
-                         "command line; use jaxnet.sharding.save_sharded in Python")
     count = jax.process_count()
     if count == 1:
         return data

@@ -136,10 +136,9 @@ def test_two_process_loopback_run_matches_one_process(tmp_path):
         np.testing.assert_allclose(a[k], r[k], rtol=0, atol=TOL)
 
 
-def test_jaxnet_train_runs_on_two_processes_from_environment_variables(tmp_path):
-    """The same `jaxnet train` command on two loopback processes (jax.distributed from the
-    JAXNET_* variables): each loads its own rows, both end with the same test result, and
-    process 0 writes the report."""
+def _train_on_two_processes(*args: str) -> list[str]:
+    """`jaxnet train --hidden 8 --batch-size 64 --quiet ARGS` on two loopback processes
+    (jax.distributed from the JAXNET_* variables); each one's last line of output."""
     port = _free_port()
     procs = []
     try:
@@ -147,8 +146,8 @@ def test_jaxnet_train_runs_on_two_processes_from_environment_variables(tmp_path)
             env = {**_env(), "JAXNET_COORDINATOR": f"127.0.0.1:{port}",
                    "JAXNET_NUM_PROCESSES": "2", "JAXNET_PROCESS_ID": str(i)}
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "jaxnet", "train", "--hidden", "8", "--epochs", "2",
-                 "--batch-size", "64", "--quiet", "--report", str(tmp_path / f"r{i}.json")],
+                [sys.executable, "-m", "jaxnet", "train", "--hidden", "8", "--batch-size", "64",
+                 "--quiet", *[a.format(i=i) for a in args]],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
         outs = []
         for i, p in enumerate(procs):
@@ -160,11 +159,29 @@ def test_jaxnet_train_runs_on_two_processes_from_environment_variables(tmp_path)
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=10)
-    assert outs[0].split("(")[0] == outs[1].split("(")[0]  # the same test accuracy and loss
-    assert "test accuracy" in outs[0]
+    return outs
+
+
+def _result(line: str) -> str:
+    return line.split("(")[0]  # "test accuracy A  test loss L"
+
+
+def test_jaxnet_train_runs_on_two_processes_from_environment_variables(tmp_path):
+    """The same `jaxnet train` command on two loopback processes: each loads its own rows,
+    both end with the same test result, and process 0 writes the report. With
+    --checkpoint-dir both write their shards of one orbax checkpoint per epoch, and a
+    resumed run ends where an uninterrupted one does."""
+    ckpt = str(tmp_path / "ckpt")
+    outs = _train_on_two_processes("--epochs", "2", "--report", str(tmp_path / "r{i}.json"),
+                                   "--checkpoint-dir", ckpt)
+    assert _result(outs[0]) == _result(outs[1]) and "test accuracy" in outs[0]
     report = json.loads((tmp_path / "r0.json").read_text())
     assert report["epochs_run"] == 2 and report["steps_per_epoch"] == 1257 // 64
     assert not (tmp_path / "r1.json").exists()
+    assert sorted(os.listdir(ckpt)) == ["1", "2"]
+    resumed = _train_on_two_processes("--epochs", "3", "--checkpoint-dir", ckpt, "--resume")
+    whole = _train_on_two_processes("--epochs", "3")
+    assert _result(resumed[0]) == _result(resumed[1]) == _result(whole[0])
 
 
 # --- in-process: rules, mesh and entry-point arguments --------------------------------
