@@ -7,7 +7,7 @@
 # a missing peer is reported as skipped) and optionally a CUDA build of torch. jaxnet itself
 # need not be installed: the repository root is put on PYTHONPATH. Set PYTHON to choose the
 # interpreter (default python3). Every step has its own time limit, and the whole script stops
-# at 295 s; what finished is kept. The CPU numbers stay the README's baseline until this has
+# at 300 s; what finished is kept. The CPU numbers stay the README's baseline until this has
 # been run on a GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,8 +16,8 @@ PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 START=$(date +%s)
-left() { echo $((295 - ($(date +%s) - START))); }
-# seconds for the next step: at most $1 and what is left of the 295 s (at least 5: `timeout 0`
+left() { echo $((300 - ($(date +%s) - START))); }
+# seconds for the next step: at most $1 and what is left of the 300 s (at least 5: `timeout 0`
 # would mean no limit at all)
 lim() { local l; l=$(left); [ "$1" -lt "$l" ] && l=$1; [ "$l" -lt 5 ] && l=5; echo "$l"; }
 step() { echo "[$(( $(date +%s) - START )) s] $*" >&2; }
@@ -56,7 +56,14 @@ timeout "$(lim 60)" $PY -m pytest tests/test_precision.py tests/test_remat.py -q
   -p no:cacheprovider > "$OUT/tests.log" 2>&1 || echo "GPU tests failed or timed out" >&2
 tail -3 "$OUT/tests.log" >&2
 
-# 4. torch.compile against pure JAX, with whatever time is left.
+# 4. the manual backward pass against jax.grad (one axis at a time, batches ×16 to fill the
+#    GPU), jitted only.
+step "manual_vs_autodiff.py"
+timeout "$(lim 45)" $PY benchmarks/manual_vs_autodiff.py --quick --device-scale 16 --budget 0.5 \
+  --no-nojit --json "$OUT/manual_vs_autodiff.json" --plot "$OUT/manual_vs_autodiff.png" \
+  > "$OUT/manual_vs_autodiff.txt" 2>&1 || echo "manual_vs_autodiff.py stopped early" >&2
+
+# 5. torch.compile against pure JAX, with whatever time is left.
 step "peers.py torch_compile"
 timeout "$(lim 120)" $PY benchmarks/peers.py --rounds 5 --target-ms 50 \
   --variants pure_jax,torch_eager,torch_compile --configs small,deep,large \
