@@ -114,9 +114,9 @@ def bad_inputs(tmp):
     "labels outside [0, classes)", "negative label", "lengths differ", "NaN in data",
     "empty data set", "unknown data set", "unknown optimizer", "unknown activation",
     "unknown output activation", "bad widths", "depth without width", "negative learning rate",
-    "dropout of one", "zero batch", "batch too big", "resume without a directory", "resume from nothing",
-    "csv without a label column", "csv with a wrong label column", "unknown flag",
-    "not a number"])
+    "dropout of one", "zero batch", "batch too big", "resume without a directory",
+    "resume from nothing", "csv without a label column", "csv with a wrong label column",
+    "unknown flag", "not a number"])
 def test_bad_input_is_one_line_and_exit_code_2_before_training(case, tmp_path, capsys,
                                                                 monkeypatch):
     def no_training(*a, **k):
