@@ -7,6 +7,10 @@ that epoch: the :class:`~jaxnet.train.TrainState` arrays and the best params
 stopping counters, the caller's ``meta`` such as the run's configuration) as
 JSON.
 
+Arrays go to orbax as they are: sharded arrays write their own shards, and with several
+processes (``jax.distributed``) every process calls save and restore on a shared directory
+and writes or reads its shards; restored arrays take the template's shardings.
+
 Atomic: orbax writes a save into a temporary directory and renames it into
 place when complete, so an interrupted save leaves the previous checkpoint
 as the latest loadable one (temporary directories are ignored and cleaned).
