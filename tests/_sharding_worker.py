@@ -137,6 +137,21 @@ def single_host(n_devices, out_path, tmp, full):
         "other_w_spec": str(other.params["dense_0"]["w"].sharding.spec),
         "saved_files": sorted(os.listdir(path)),
     }
+    # fit's checkpoints (jaxnet.checkpoint) of the sharded state: restored into the sharded
+    # template they keep its layout, into a fresh one-device template they come back whole
+    from jaxnet import checkpoint
+    progress = train.FitProgress(tp, 1, {"loss": [1.0]}, tp.params, 1.0, 1, 0)
+    checkpoint.save_checkpoint(os.path.join(tmp, "fit_ckpt"), progress)
+    back, _ = checkpoint.restore_checkpoint(os.path.join(tmp, "fit_ckpt"), tp)
+    whole, _ = checkpoint.restore_checkpoint(os.path.join(tmp, "fit_ckpt"),
+                                             fresh_state(net, opt))
+    result["ckpt"]["fit_ckpt_diff"] = max(max_diff(host(back.state), host(tp)),
+                                          max_diff(host(whole.state), host(tp)),
+                                          max_diff(host(back.best_params), host(tp.params)))
+    result["ckpt"]["fit_ckpt_specs_equal"] = all(
+        a.sharding == b.sharding
+        for a, b in zip(jax.tree.leaves(back.state), jax.tree.leaves(tp), strict=True))
+    result["ckpt"]["fit_ckpt_whole_devices"] = len(whole.state.params["dense_0"]["w"].devices())
     # training continues from the restored state exactly as from the original
     cont_a = run_steps(tstep, same, xs[:1], ys[:1])
     cont_b = run_steps(tstep, tp, xs[:1], ys[:1])

@@ -92,6 +92,9 @@ def test_sharded_checkpoint_restores_values_and_shardings(run):
     assert ck["other_diff"] == 0.0 and ck["other_w_spec"] == "P()"  # resharded on restore
     assert ck["continue_diff"] == 0.0
     assert "_sharding" in ck["saved_files"]
+    # jaxnet.checkpoint (what fit and `jaxnet train` write) of the same sharded state
+    assert ck["fit_ckpt_diff"] == 0.0 and ck["fit_ckpt_specs_equal"]
+    assert ck["fit_ckpt_whole_devices"] == 1
 
 
 def test_batch_that_does_not_split_over_the_data_axis_is_refused(run):
