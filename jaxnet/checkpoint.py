@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .sharding import abstract_array
 from .train import FitProgress, TrainState
 
 __all__ = ["CheckpointError", "save_checkpoint", "restore_checkpoint", "latest_epoch"]
@@ -56,14 +57,6 @@ def _arrays(tree: Any) -> dict[str, Any]:
     processes each writes its own shards, orbax's way), anything else becomes numpy."""
     return {k: v if isinstance(v, jax.Array) else np.asarray(v)
             for k, v in _flatten(tree).items()}
-
-
-def _targets(template: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
-    """Restore targets: each array's shape and dtype, and its sharding where the template's
-    leaf has one (so every process gets back arrays laid out like the fresh run's)."""
-    return {k: jax.ShapeDtypeStruct(np.shape(v), v.dtype,
-                                    sharding=v.sharding if isinstance(v, jax.Array) else None)
-            for k, v in template.items()}
 
 
 def _manager(directory: str, keep: int = 2, create: bool = False):
@@ -173,10 +166,10 @@ def restore_checkpoint(directory: str, template: TrainState, *,
             raise CheckpointError(f"{where}: not a jaxnet training checkpoint (format {found!r})")
         want = _flatten(template)
         _check_against(stored, want, where)
-        targets = {"state": ocp.args.StandardRestore(_targets(want))}
+        targets = {"state": ocp.args.StandardRestore(jax.tree.map(abstract_array, want))}
         want_best = _flatten(template.params)
         if meta["has_best"]:
-            targets["best"] = ocp.args.StandardRestore(_targets(want_best))
+            targets["best"] = ocp.args.StandardRestore(jax.tree.map(abstract_array, want_best))
         try:
             if meta["has_best"]:
                 stored_best = mngr.item_metadata(epoch)["best"]

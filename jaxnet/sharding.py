@@ -47,7 +47,7 @@ __all__ = ["DATA", "MODEL", "Rule", "make_mesh", "dense_rules", "wide_dense_rule
            "param_specs", "state_shardings", "shard_state", "shard_batch", "global_rows",
            "shard_step",
            "initialize_distributed", "add_distributed_args", "process_rows", "save_sharded",
-           "restore_sharded"]
+           "restore_sharded", "abstract_array"]
 
 DATA = "data"
 MODEL = "model"
@@ -322,10 +322,14 @@ def restore_sharded(directory: str, target: Any) -> Any:
     """
     import orbax.checkpoint as ocp
 
-    def abstract(x):
-        if isinstance(x, jax.ShapeDtypeStruct):
-            return x
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-
     with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.abspath(directory), jax.tree.map(abstract, target))
+        return ckptr.restore(os.path.abspath(directory), jax.tree.map(abstract_array, target))
+
+
+def abstract_array(x: Any) -> jax.ShapeDtypeStruct:
+    """``x``'s shape and dtype as a restore target, with its sharding where it has one (a
+    ``jax.Array``; numpy arrays have none). ``ShapeDtypeStruct``s pass through."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype,
+                                sharding=x.sharding if isinstance(x, jax.Array) else None)

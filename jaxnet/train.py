@@ -312,10 +312,7 @@ def _fit_functions(net, loss, optimizer, grad, batch, scan_epoch, metrics, mesh=
     with the same net, loss, optimizer and settings compiles nothing new."""
     eval_step = make_eval_step(net, loss, dict(metrics))
     if scan_epoch:
-        epoch_body = epoch_fn(net, loss, optimizer, grad)
-        if mesh is not None:
-            from .sharding import shard_step
-            epoch_body = shard_step(epoch_body, mesh, rules, batch_axis=1)
+        epoch_body = make_epoch(net, loss, optimizer, grad, jit=False, mesh=mesh, rules=rules)
 
         def shuffled_epoch(state, x, y):
             key, xs, ys = _shuffled_batches(state.key, x, y, batch)
