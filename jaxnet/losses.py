@@ -1,8 +1,12 @@
 """Losses and metrics, built on optax's losses.
 
 Each loss is ``loss(outputs, targets) -> scalar`` (the mean over the batch)
-and carries its hand-written gradient for the manual backward pass:
+and carries its hand-written gradient, used by the manual backward pass and,
+for ``softmax_cross_entropy`` and ``l2_loss``, attached with ``jax.custom_jvp``
+so that ``jax.grad`` of the loss uses it too (as the activations do):
 
+- ``loss.formula(outputs, targets)``: the same loss with no hand-written rule
+  (optax's function), which the checks differentiate with ``jax.grad``;
 - ``loss.output_grad(outputs, targets)``: ∂L/∂outputs;
 - ``loss.fused_with``: the output activation whose backward step the loss's
   fused form replaces, and ``loss.fused_grad(y, targets)``: ∂L/∂z where
@@ -39,7 +43,30 @@ def _batch_size(outputs: Array) -> int:
 
 
 def _attach(loss: Callable, output_grad: Callable, fused_with: str | None = None,
-            fused_grad: Callable | None = None) -> Callable:
+            fused_grad: Callable | None = None, target_grad: Callable | None = None,
+            formula: Callable | None = None) -> Callable:
+    """Give ``loss`` its hand-written gradients; with ``target_grad``, also wire them in.
+
+    With ``target_grad`` (∂L/∂targets) the loss is wrapped in ``jax.custom_jvp``
+    with the tangent L̇ = Σ ∂L/∂y · ẏ + Σ ∂L/∂t · ṫ (the second term only for
+    floating targets: integer labels have no tangent), so ``jax.grad``, ``jax.jvp``
+    and higher derivatives go through the hand-written rule.
+    """
+    if target_grad is not None:
+        formula = loss
+        loss = jax.custom_jvp(formula)
+
+        @loss.defjvp
+        def _jvp(primals, tangents):
+            outputs, targets = primals
+            d_outputs, d_targets = tangents
+            value = formula(outputs, targets)  # raises on bad shapes before any gradient
+            tangent = jnp.sum(output_grad(outputs, targets) * d_outputs)
+            if jnp.issubdtype(targets.dtype, jnp.inexact):
+                tangent = tangent + jnp.sum(target_grad(outputs, targets) * d_targets)
+            return value, tangent.astype(value.dtype)
+
+    loss.formula = formula or loss
     loss.output_grad = output_grad
     loss.fused_with = fused_with
     loss.fused_grad = fused_grad
@@ -54,6 +81,9 @@ def softmax_cross_entropy(logits: Array, targets: Array) -> Array:
     ``softmax_cross_entropy`` (one-hot rows). Log-softmax outputs are valid
     logits too (log-softmax is idempotent), so this is the loss for nets with
     linear or log-softmax outputs.
+
+    Gradient, written by hand and used by ``jax.grad``: ∂L/∂z = (σ(z) − t)/N
+    (and ∂L/∂t = −log σ(z)/N for floating targets).
 
     Shapes: logits (N, C), targets (N,) integers or (N, C).
     """
@@ -72,7 +102,13 @@ def _softmax_ce_fused_grad(log_probs, targets):
     return (jnp.exp(log_probs) - one_hot_like(log_probs, targets)) / _batch_size(log_probs)
 
 
-_attach(softmax_cross_entropy, _softmax_ce_output_grad, "log_softmax", _softmax_ce_fused_grad)
+def _softmax_ce_target_grad(logits, targets):
+    # ∂L/∂t = −log σ(z) / N
+    return -jax.nn.log_softmax(logits) / _batch_size(logits)
+
+
+softmax_cross_entropy = _attach(softmax_cross_entropy, _softmax_ce_output_grad, "log_softmax",
+                                _softmax_ce_fused_grad, _softmax_ce_target_grad)
 
 
 def cross_entropy(probs: Array, targets: Array) -> Array:
@@ -83,8 +119,11 @@ def cross_entropy(probs: Array, targets: Array) -> Array:
     clipped at the dtype's smallest normal number so that log p stays finite.
     Shapes: probs (N, C), targets (N,) integers or (N, C).
     """
-    tiny = jnp.finfo(probs.dtype).tiny
-    return softmax_cross_entropy(jnp.log(jnp.maximum(probs, tiny)), targets)
+    return softmax_cross_entropy(_log_clipped(probs), targets)
+
+
+def _log_clipped(probs):
+    return jnp.log(jnp.maximum(probs, jnp.finfo(probs.dtype).tiny))
 
 
 def _ce_output_grad(probs, targets):
@@ -98,13 +137,17 @@ def _ce_fused_grad(probs, targets):
     return (probs - one_hot_like(probs, targets)) / _batch_size(probs)
 
 
-_attach(cross_entropy, _ce_output_grad, "softmax", _ce_fused_grad)
+# jax.grad of cross_entropy goes through log p and then softmax_cross_entropy's rule.
+cross_entropy = _attach(
+    cross_entropy, _ce_output_grad, "softmax", _ce_fused_grad,
+    formula=lambda probs, targets: softmax_cross_entropy.formula(_log_clipped(probs), targets))
 
 
 def l2_loss(outputs: Array, targets: Array) -> Array:
     """The course's L2 loss: L = Σ (y − t)² / 2 / N (sum over outputs, mean over the batch).
 
-    Built on ``optax.l2_loss`` (which is ½(y − t)² elementwise).
+    Built on ``optax.l2_loss`` (which is ½(y − t)² elementwise). Gradient,
+    written by hand and used by ``jax.grad``: ∂L/∂y = (y − t)/N = −∂L/∂t.
     Shapes: outputs and targets (N, ...), the same shape.
     """
     if outputs.shape != targets.shape:
@@ -118,7 +161,12 @@ def _l2_output_grad(outputs, targets):
     return (outputs - targets) / _batch_size(outputs)
 
 
-_attach(l2_loss, _l2_output_grad, "identity", _l2_output_grad)
+def _l2_target_grad(outputs, targets):
+    # ∂L/∂t = −(y − t) / N
+    return -_l2_output_grad(outputs, targets)
+
+
+l2_loss = _attach(l2_loss, _l2_output_grad, "identity", _l2_output_grad, _l2_target_grad)
 
 
 def accuracy(outputs: Array, targets: Array) -> Array:

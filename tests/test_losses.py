@@ -1,0 +1,115 @@
+"""The losses' hand-written gradients: jax.grad of a loss goes through them, and they agree
+with jax.grad of the same loss without the rule (optax's function) and with finite
+differences."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import jaxnet as jn
+
+# The rule and the reference compute the same quantities in a different order, so they
+# differ by rounding: a few ulp of the dtype (bfloat16 2⁻⁷ ≈ 8e-3, float16 2⁻¹⁰ ≈ 1e-3,
+# float32 2⁻²³ ≈ 1e-7, float64 2⁻⁵² ≈ 2e-16), relative to the largest gradient entry.
+TOL = {
+    jnp.dtype(jnp.float16): dict(rtol=1e-2, atol=2e-3),
+    jnp.dtype(jnp.bfloat16): dict(rtol=6e-2, atol=1.6e-2),
+    jnp.dtype(jnp.float32): dict(rtol=1e-5, atol=1e-6),
+    jnp.dtype(jnp.float64): dict(rtol=1e-12, atol=1e-14),
+}
+DTYPES = list(TOL)
+WIRED = [jn.softmax_cross_entropy, jn.l2_loss]  # the losses with a custom_jvp rule
+
+
+def problem(loss, dtype, targets="labels", batch=6, classes=4, seed=0):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    outputs = (3 * jax.random.normal(k1, (batch, classes))).astype(dtype)
+    if loss is jn.l2_loss:
+        return outputs, jax.random.normal(k2, (batch, classes)).astype(dtype)
+    if loss is jn.cross_entropy:
+        outputs = jax.nn.softmax(outputs.astype(jnp.float32)).astype(dtype)
+    labels = jax.random.randint(k3, (batch,), 0, classes)
+    if targets == "labels":
+        return outputs, labels
+    if targets == "one_hot":
+        return outputs, jax.nn.one_hot(labels, classes, dtype=dtype)
+    soft = jax.nn.softmax(jax.random.normal(k2, (batch, classes)))  # soft labels, rows sum to 1
+    return outputs, soft.astype(dtype)
+
+
+@pytest.mark.parametrize("loss", WIRED, ids=lambda f: f.__name__)
+def test_the_rule_is_what_jax_grad_uses(loss):
+    outputs, targets = problem(loss, jnp.float64)
+    chex.assert_trees_all_close(jax.grad(loss)(outputs, targets),
+                                loss.output_grad(outputs, targets), rtol=1e-15, atol=0)
+    assert isinstance(loss, jax.custom_jvp) and not isinstance(loss.formula, jax.custom_jvp)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("targets", ["labels", "one_hot", "soft"])
+@pytest.mark.parametrize("loss", [jn.softmax_cross_entropy, jn.cross_entropy, jn.l2_loss],
+                         ids=lambda f: f.__name__)
+def test_gradient_matches_jax_grad_of_the_formula(loss, targets, dtype):
+    if loss is jn.l2_loss and targets != "labels":
+        pytest.skip("l2_loss has one kind of target")
+    outputs, t = problem(loss, dtype, targets)
+    value, grad = jax.value_and_grad(loss)(outputs, t)
+    ref_value, ref_grad = jax.value_and_grad(loss.formula)(outputs, t)
+    assert grad.dtype == outputs.dtype and value.dtype == outputs.dtype
+    assert bool(jnp.all(jnp.isfinite(grad)))
+    scale = float(jnp.max(jnp.abs(ref_grad.astype(jnp.float32))))
+    tol = TOL[jnp.dtype(dtype)]
+    np.testing.assert_allclose(np.asarray(grad, np.float64), np.asarray(ref_grad, np.float64),
+                               rtol=tol["rtol"], atol=tol["atol"] * max(scale, 1.0))
+    np.testing.assert_array_equal(np.asarray(value), np.asarray(ref_value))
+
+
+@pytest.mark.parametrize("loss", WIRED, ids=lambda f: f.__name__)
+def test_target_gradient_matches_the_formula(loss):
+    outputs, targets = problem(loss, jnp.float64, "soft")
+    chex.assert_trees_all_close(jax.grad(loss, argnums=1)(outputs, targets),
+                                jax.grad(loss.formula, argnums=1)(outputs, targets),
+                                rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("loss", WIRED, ids=lambda f: f.__name__)
+def test_finite_differences_orders_one_and_two(loss):
+    outputs, targets = problem(loss, jnp.float64, "soft")
+    check_grads(loss, (outputs, targets), order=2, modes=["fwd", "rev"], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("loss", WIRED, ids=lambda f: f.__name__)
+def test_hessian_matches_the_formula(loss):
+    outputs, targets = problem(loss, jnp.float64, "labels")
+    chex.assert_trees_all_close(jax.hessian(loss)(outputs, targets),
+                                jax.hessian(loss.formula)(outputs, targets),
+                                rtol=1e-10, atol=1e-13)
+
+
+class TestVariants(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_grad_under_jit_and_vmap(self):
+        outputs, labels = problem(jn.softmax_cross_entropy, jnp.float64)
+        per_row = self.variant(jax.vmap(jax.grad(jn.softmax_cross_entropy)))(outputs, labels)
+        # a single row is a batch of one, so each row's gradient is N times its share
+        chex.assert_trees_all_close(per_row / outputs.shape[0],
+                                    jax.grad(jn.softmax_cross_entropy)(outputs, labels),
+                                    rtol=1e-12, atol=1e-15)
+
+
+def test_finite_for_extreme_logits_in_every_dtype():
+    for dtype in DTYPES:
+        big = jnp.finfo(dtype).max
+        logits = jnp.array([[big, -big, 0.0], [0.0, 0.0, 0.0]], dtype)
+        grad = jax.grad(jn.softmax_cross_entropy)(logits, jnp.array([1, 2]))
+        assert bool(jnp.all(jnp.isfinite(grad))), dtype
+
+
+def test_shape_mismatch_is_refused_under_grad_too():
+    with pytest.raises(ValueError, match=r"\(4, 3\) and \(4,\)"):
+        jax.grad(jn.l2_loss)(jnp.ones((4, 3)), jnp.ones((4,)))
