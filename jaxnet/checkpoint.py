@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .sharding import abstract_array
+from .sharding import abstract_array, leaves_by_path, path_name
 from .train import FitProgress, TrainState
 
 __all__ = ["CheckpointError", "save_checkpoint", "restore_checkpoint", "latest_epoch"]
@@ -43,13 +43,8 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not fit the run."""
 
 
-def _path_name(path) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator="/")
-
-
 def _flatten(tree: Any) -> dict[str, Any]:
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_path_name(p): v for p, v in leaves}
+    return dict(leaves_by_path(tree))
 
 
 def _arrays(tree: Any) -> dict[str, Any]:
@@ -129,7 +124,7 @@ def _check_against(stored: dict[str, Any], template: dict[str, Any], where: str)
 def _unflatten(template: Any, flat: dict[str, Any]) -> Any:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
     return jax.tree_util.tree_unflatten(
-        treedef, [jnp.asarray(flat[_path_name(p)]) for p, _ in leaves])
+        treedef, [jnp.asarray(flat[path_name(p)]) for p, _ in leaves])
 
 
 def restore_checkpoint(directory: str, template: TrainState, *,

@@ -47,7 +47,7 @@ __all__ = ["DATA", "MODEL", "Rule", "make_mesh", "dense_rules", "wide_dense_rule
            "param_specs", "state_shardings", "shard_state", "shard_batch", "global_rows",
            "shard_step",
            "initialize_distributed", "add_distributed_args", "process_rows", "save_sharded",
-           "restore_sharded", "abstract_array"]
+           "restore_sharded", "abstract_array", "path_name", "leaves_by_path"]
 
 DATA = "data"
 MODEL = "model"
@@ -87,7 +87,7 @@ def wide_dense_rules(params: Any, model: int, min_width: int = 512) -> tuple[Rul
     """:func:`dense_rules` for every Dense layer (a dict with ``w`` and ``b``) of ``params``
     whose output width is at least ``min_width`` and divides by the ``model`` axis size."""
     names = []
-    for path, leaf in _flat(params):
+    for path, leaf in leaves_by_path(params):
         if path.endswith("/w") or path == "w":
             if np.ndim(leaf) == 2 and leaf.shape[1] >= min_width and leaf.shape[1] % model == 0:
                 names.append(re.escape(path[:-2]) + "/" if path != "w" else "")
@@ -97,12 +97,14 @@ def wide_dense_rules(params: Any, model: int, min_width: int = 512) -> tuple[Rul
     return tuple(rules)
 
 
-def _path(keys) -> str:
+def path_name(keys) -> str:
+    """A leaf's key path as the "a/b/c" name that rules match and checkpoints store."""
     return jax.tree_util.keystr(keys, simple=True, separator="/")
 
 
-def _flat(tree: Any) -> list[tuple[str, Any]]:
-    return [(_path(k), v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
+def leaves_by_path(tree: Any) -> list[tuple[str, Any]]:
+    """``[("a/b/c", leaf), ...]`` in ``tree_leaves`` order."""
+    return [(path_name(k), v) for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def param_specs(tree: Any, mesh: Mesh, rules: Sequence[Rule] = ()) -> Any:
@@ -111,7 +113,7 @@ def param_specs(tree: Any, mesh: Mesh, rules: Sequence[Rule] = ()) -> Any:
     compiled = [(pattern, re.compile(rf"(^|/){pattern}$"), spec) for pattern, spec in rules]
 
     def spec_of(keys, leaf):
-        path = _path(keys)
+        path = path_name(keys)
         shape = np.shape(leaf)
         for pattern, regex, spec in compiled:
             if regex.search(path):
