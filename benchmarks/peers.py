@@ -5,6 +5,8 @@ parameter update, all in float32. Variants:
 
 - ``pure_jax``: a hand-written step (list of (w, b), ``jax.value_and_grad``, optax.adam),
   ``jax.jit`` with the parameters and optimiser state donated. Every ratio is relative to it.
+- ``pure_jax_again``: the same step built a second time (its own buffers), timed as a variant
+  of its own: an A/A control, whose ratio (ideally 1) shows the method's error on this machine.
 - ``pure_jax_grads_only``: not a step, its forward and backward pass alone (no Adam update):
   the difference to ``pure_jax`` is the optimizer update's share.
 - ``jaxnet_auto`` / ``jaxnet_manual``: ``jaxnet.train.make_train_step(net, loss, opt, grad=...)``
@@ -61,9 +63,9 @@ CONFIGS: dict[str, tuple[list[int], int]] = {
 }
 EPOCH_STEPS = 40  # ≈ 5,000 examples / batch 128: the mnist5k training set
 LR = 1e-3
-ALL_VARIANTS = ["pure_jax", "pure_jax_grads_only", "jaxnet_auto", "jaxnet_manual", "stax",
-                "flax_linen", "flax_nnx_jit", "flax_nnx_split", "equinox_filter_jit",
-                "equinox_jit", "haiku", "torch_eager", "torch_compile"]
+ALL_VARIANTS = ["pure_jax", "pure_jax_again", "pure_jax_grads_only", "jaxnet_auto",
+                "jaxnet_manual", "stax", "flax_linen", "flax_nnx_jit", "flax_nnx_split",
+                "equinox_filter_jit", "equinox_jit", "haiku", "torch_eager", "torch_compile"]
 
 
 class Skip(Exception):
@@ -453,6 +455,7 @@ def make_torch_compile(widths, x, y):
 
 BUILDERS: dict[str, Callable] = {
     "pure_jax": make_pure_jax,
+    "pure_jax_again": make_pure_jax,
     "pure_jax_grads_only": make_pure_jax_grads_only,
     "jaxnet_auto": make_jaxnet("auto"),
     "jaxnet_manual": make_jaxnet("manual"),
@@ -662,6 +665,7 @@ def main(argv=None):
         if epoch:
             xs, ys = (jnp.asarray(a) for a in data(widths, batch, EPOCH_STEPS))
             specs = {"pure_jax": (make_pure_jax, (widths, x, y)),
+                     "pure_jax_again": (make_pure_jax, (widths, x, y)),
                      "pure_jax_scan": (make_pure_jax_scan, (widths, xs, ys)),
                      "jaxnet_step": (make_jaxnet("auto"), (widths, x, y)),
                      "jaxnet_fit_scan": (make_jaxnet_fit_scan, (widths, xs, ys))}
