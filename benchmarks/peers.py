@@ -21,7 +21,8 @@ Configurations: small 784-128-10 batch 128; large 784-2048-2048-2048-10 batch 51
 ``lax.scan`` (time reported per step, ratio to the per-call pure-JAX step of the same round).
 
 Method: every variant is compiled and warmed up first (not timed). Then rounds: in each round
-every variant (in a rotated order) runs the same number of back-to-back steps and is timed to
+every variant (in an order shuffled each round, with a pause after PyTorch, whose worker threads
+keep spinning after a call) runs the same number of back-to-back steps and is timed to
 ``block_until_ready``; the paired ratio of a variant in a round is its time over pure JAX's time
 in that round, so drift of the shared machine cancels. Reported: the median step time, the
 median of the paired ratios and their 25–75 % range, GFLOP/s = 6 · batch · Σ fan_in·fan_out per
@@ -44,6 +45,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -63,6 +65,10 @@ CONFIGS: dict[str, tuple[list[int], int]] = {
 }
 EPOCH_STEPS = 40  # ≈ 5,000 examples / batch 128: the mnist5k training set
 LR = 1e-3
+# PyTorch's OpenMP/MKL worker threads keep spinning for a while after a call. Timed right
+# after PyTorch, the pure-JAX step lost 14 % on the small config (its A/A control read 0.86);
+# after a pause of SETTLE_S, and with the order shuffled each round, it read 0.96–1.00.
+SETTLE_S = 0.3
 ALL_VARIANTS = ["pure_jax", "pure_jax_again", "pure_jax_grads_only", "jaxnet_auto",
                 "jaxnet_manual", "stax", "flax_linen", "flax_nnx_jit", "flax_nnx_split",
                 "equinox_filter_jit", "equinox_jit", "haiku", "torch_eager", "torch_compile"]
@@ -525,11 +531,15 @@ def measure(runners, rounds, target_s, per_call_steps, peak_run, log):
     n_peak = max(4, round(target_s / 4 / timed(peak_run, 4)))
     times = {k: [] for k in names}
     peaks = []
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+    shuffle = random.Random(0).shuffle
+    for _ in range(rounds):
+        order = list(names)
+        shuffle(order)  # no variant always follows the same one
         for name in order:
             k = max(1, n_inner // per_call_steps.get(name, 1))
             times[name].append(timed(runners[name], k) / per_call_steps.get(name, 1))
+            if name.startswith("torch"):
+                time.sleep(SETTLE_S)
         peaks.append(timed(peak_run, n_peak))
     log(f"    {rounds} rounds × {n_inner} steps per variant, {n_peak} peak matmuls per round")
     return times, peaks
