@@ -137,10 +137,13 @@ def _ce_fused_grad(probs, targets):
     return (probs - one_hot_like(probs, targets)) / _batch_size(probs)
 
 
+def _cross_entropy_formula(probs, targets):
+    return softmax_cross_entropy.formula(_log_clipped(probs), targets)
+
+
 # jax.grad of cross_entropy goes through log p and then softmax_cross_entropy's rule.
-cross_entropy = _attach(
-    cross_entropy, _ce_output_grad, "softmax", _ce_fused_grad,
-    formula=lambda probs, targets: softmax_cross_entropy.formula(_log_clipped(probs), targets))
+cross_entropy = _attach(cross_entropy, _ce_output_grad, "softmax", _ce_fused_grad,
+                        formula=_cross_entropy_formula)
 
 
 def l2_loss(outputs: Array, targets: Array) -> Array:
