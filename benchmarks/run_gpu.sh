@@ -44,6 +44,14 @@ timeout "$(lim 150)" $PY benchmarks/peers.py --rounds 5 --target-ms 50 --skip to
   --json "$OUT/peers.json" --markdown "$OUT/peers.md" --plot "$OUT/peers.png" \
   2> "$OUT/peers.log" || echo "peers.py stopped early (see $OUT/peers.log)" >&2
 
+# 1b. the small configuration again, where a step is mostly the cost of a call: jaxnet against
+#     pure JAX and its A/A control only, 30 rounds, so that a few per cent are resolved.
+step "peers.py small, 30 rounds"
+timeout "$(lim 30)" $PY benchmarks/peers.py --rounds 30 --target-ms 30 --configs small,small_epoch \
+  --variants pure_jax,pure_jax_again,jaxnet_auto,jaxnet_manual \
+  --json "$OUT/peers_small.json" --markdown "$OUT/peers_small.md" \
+  2> "$OUT/peers_small.log" || echo "small-config run stopped early" >&2
+
 # 2. rematerialisation: XLA memory_analysis() of depth 32 and 64 steps, with and without.
 step "remat_memory.py"
 timeout "$(lim 40)" $PY benchmarks/remat_memory.py --depths 32,64 --width 1024 --batch 1024 \
