@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _tolerances import TOL  # per-dtype rtol/atol, with the reasoning
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
@@ -20,16 +21,6 @@ VECTOR = [n for n, a in acts.ACTIVATIONS.items() if not a.elementwise]
 ALL = list(acts.ACTIVATIONS)
 DTYPES = [jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64]
 
-# Tolerances: two correct evaluations of one formula in a dtype differ by a few
-# units in the last place (ulp): float16's ulp is 2⁻¹⁰ ≈ 1e-3, bfloat16's
-# 2⁻⁷ ≈ 8e-3, float32's 2⁻²³ ≈ 1e-7, float64's 2⁻⁵² ≈ 2e-16. rtol is ~10 ulp;
-# atol covers results that cancel to about 0.
-TOL = {
-    jnp.dtype(jnp.float16): dict(rtol=1e-2, atol=2e-3),
-    jnp.dtype(jnp.bfloat16): dict(rtol=6e-2, atol=1.6e-2),
-    jnp.dtype(jnp.float32): dict(rtol=1e-5, atol=1e-6),
-    jnp.dtype(jnp.float64): dict(rtol=1e-12, atol=1e-14),
-}
 JAX_NN = {
     "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh, "relu": jax.nn.relu,
     "leaky_relu": jax.nn.leaky_relu, "elu": jax.nn.elu, "gelu": jax.nn.gelu,
