@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from .activations import log_softmax
+
 Array = jax.Array
 
 __all__ = ["softmax_cross_entropy", "cross_entropy", "l2_loss", "accuracy", "one_hot_like"]
@@ -103,8 +105,9 @@ def _softmax_ce_fused_grad(log_probs, targets):
 
 
 def _softmax_ce_target_grad(logits, targets):
-    # ∂L/∂t = −log σ(z) / N
-    return -jax.nn.log_softmax(logits) / _batch_size(logits)
+    # ∂L/∂t = −log σ(z) / N; jaxnet's log-softmax saturates at finfo.min where log σ lies
+    # below the dtype's range (float16), so this stays finite
+    return -log_softmax(logits) / _batch_size(logits)
 
 
 softmax_cross_entropy = _attach(softmax_cross_entropy, _softmax_ce_output_grad, "log_softmax",
