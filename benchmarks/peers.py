@@ -545,7 +545,8 @@ def measure(runners, rounds, target_s, per_call_steps, peak_run, log):
     return times, peaks
 
 
-def summarise(config, widths, batch, times, peak_gflops, skipped):
+def summarise(config, widths, batch, times, skipped):
+    """Rows of one configuration; :func:`write` adds each row's fraction of the run's peak."""
     ref = times["pure_jax"]
     flops = flops_per_step(widths, batch)
     rows = []
@@ -558,7 +559,7 @@ def summarise(config, widths, batch, times, peak_gflops, skipped):
             "median_us": med * 1e6, "min_us": min(ts) * 1e6, "max_us": max(ts) * 1e6,
             "ratio_to_pure_jax": statistics.median(ratios),
             "ratio_q25": float(q[0]), "ratio_q75": float(q[1]),
-            "gflops": flops / med / 1e9, "fraction_of_peak": flops / med / 1e9 / peak_gflops,
+            "gflops": flops / med / 1e9,
             "rounds": len(ts),
         })
     for name, why in skipped.items():
@@ -688,7 +689,7 @@ def main(argv=None):
             raise SystemExit(f"{config}: pure JAX failed: {skipped.get('pure_jax')}")
         times, peaks = measure(runners, rounds, target_s, per_call, peak_run, log)
         all_peaks += peaks
-        result["rows"] += summarise(config, widths, batch, times, 1.0, skipped)
+        result["rows"] += summarise(config, widths, batch, times, skipped)
         del runners
         write(result, all_peaks, peak_flops, args, final=config == configs[-1])
 
