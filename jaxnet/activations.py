@@ -121,6 +121,33 @@ def _with_rule(formula, tangent):
     return fn
 
 
+def _with_param_rule(formula, d_input, d_param):
+    """``jax.custom_jvp`` of ``formula(a, p)`` differentiable in both: ȳ = f_a·ȧ + f_p·ṗ.
+
+    ``d_input(a, p)`` = ∂f/∂a and ``d_param(a, p)`` = ∂f/∂p are written by hand; ``p``
+    (elu's α, leaky relu's slope) may be a Python number, or an array that broadcasts
+    against ``a`` (a learnable per-channel slope). A constant ``p`` costs nothing: its
+    symbolic-zero tangent skips the second term.
+    """
+    fn = jax.custom_jvp(formula)
+
+    def _jvp(primals, tangents):
+        (a, p), (ta, tp) = primals, tangents
+        y = fn(a, p)
+        terms = []
+        if not isinstance(ta, jax.custom_derivatives.SymbolicZero):
+            terms.append(d_input(a, p) * ta)
+        if not isinstance(tp, jax.custom_derivatives.SymbolicZero):
+            terms.append(d_param(a, p) * tp)
+        if not terms:
+            return y, jnp.zeros_like(y)
+        t = terms[0] if len(terms) == 1 else terms[0] + terms[1]
+        return y, jnp.broadcast_to(t, y.shape).astype(y.dtype)
+
+    fn.defjvp(_jvp, symbolic_zeros=True)
+    return fn
+
+
 def _register(name, public, core, derivative, output_derivative, formula, *,
               monotonic=True, continuous=True, differentiable=True,
               elementwise=True, output_range="(-inf, inf)"):
@@ -248,20 +275,28 @@ def _leaky_relu_formula(a, negative_slope=0.01):
     return jnp.where(a > 0, a, negative_slope * a)
 
 
-def leaky_relu_derivative(a: ArrayLike, negative_slope: float = 0.01) -> Array:
+def leaky_relu_derivative(a: ArrayLike, negative_slope: ArrayLike = 0.01) -> Array:
     """leaky_relu'(a) = 1 if a > 0 else ``negative_slope`` (the slope at 0)."""
     a = _as_float(a)
-    return jnp.where(a > 0, jnp.ones_like(a), jnp.asarray(negative_slope, a.dtype))
+    return jnp.where(a > 0, jnp.ones_like(a), jnp.asarray(negative_slope).astype(a.dtype))
 
 
-_leaky_relu = _with_rule(_leaky_relu_formula,
-                         lambda a, y, t, slope: leaky_relu_derivative(a, slope) * t)
+def leaky_relu_slope_derivative(a: ArrayLike, negative_slope: ArrayLike = 0.01) -> Array:
+    """∂ leaky_relu(a) / ∂ negative_slope = 0 if a > 0 else a (a learnable slope: PReLU)."""
+    a = _as_float(a)
+    return jnp.where(a > 0, jnp.zeros_like(a), a)
 
 
-def leaky_relu(a: ArrayLike, negative_slope: float = 0.01) -> Array:
+_leaky_relu = _with_param_rule(_leaky_relu_formula, leaky_relu_derivative,
+                               leaky_relu_slope_derivative)
+
+
+def leaky_relu(a: ArrayLike, negative_slope: ArrayLike = 0.01) -> Array:
     """Leaky relu: a if a > 0 else ``negative_slope``·a.
 
-    Derivative (hand-written): 1 if a > 0 else ``negative_slope``.
+    Derivatives (hand-written): ∂/∂a = 1 if a > 0 else ``negative_slope``;
+    ∂/∂slope = 0 if a > 0 else a, so ``jax.grad`` learns a slope (PReLU) as
+    ``jax.nn.leaky_relu`` does.
     """
     return _leaky_relu(_as_float(a), negative_slope)
 
@@ -277,19 +312,27 @@ def _elu_formula(a, alpha=1.0):
     return jnp.where(a > 0, a, alpha * jnp.expm1(jnp.where(a > 0, 0, a)))
 
 
-def elu_derivative(a: ArrayLike, alpha: float = 1.0) -> Array:
+def elu_derivative(a: ArrayLike, alpha: ArrayLike = 1.0) -> Array:
     """elu'(a) = 1 if a > 0 else α·eᵃ."""
     a = _as_float(a)
+    alpha = jnp.asarray(alpha).astype(a.dtype)
     return jnp.where(a > 0, jnp.ones_like(a), alpha * jnp.exp(jnp.where(a > 0, 0, a)))
 
 
-_elu = _with_rule(_elu_formula, lambda a, y, t, alpha: elu_derivative(a, alpha) * t)
+def elu_alpha_derivative(a: ArrayLike, alpha: ArrayLike = 1.0) -> Array:
+    """∂ elu(a) / ∂α = 0 if a > 0 else eᵃ − 1."""
+    a = _as_float(a)
+    return jnp.where(a > 0, jnp.zeros_like(a), jnp.expm1(jnp.where(a > 0, 0, a)))
 
 
-def elu(a: ArrayLike, alpha: float = 1.0) -> Array:
+_elu = _with_param_rule(_elu_formula, elu_derivative, elu_alpha_derivative)
+
+
+def elu(a: ArrayLike, alpha: ArrayLike = 1.0) -> Array:
     """Exponential linear unit: a if a > 0 else α(eᵃ − 1), range (−α, ∞).
 
-    Derivative (hand-written): 1 if a > 0 else α·eᵃ (continuous at 0 for α = 1).
+    Derivatives (hand-written): ∂/∂a = 1 if a > 0 else α·eᵃ (continuous at 0 for
+    α = 1); ∂/∂α = 0 if a > 0 else eᵃ − 1 (``jax.grad`` learns α, as with ``jax.nn.elu``).
     """
     return _elu(_as_float(a), alpha)
 
@@ -307,7 +350,9 @@ def _gelu_formula(a, approximate=True):
     if approximate:
         u = _SQRT_2_OVER_PI * (a + _GELU_C * a ** 3)
         return 0.5 * a * (1 + jnp.tanh(u))
-    return 0.5 * a * (1 + lax.erf(a / math.sqrt(2)))
+    # a·Φ(a) with Φ(a) = ½·erfc(−a/√2): no cancellation in the left tail, where
+    # 1 + erf(a/√2) would lose every digit (relative error 7e-4 at a = −4 in float32)
+    return 0.5 * a * lax.erfc(-a / math.sqrt(2))
 
 
 def gelu_derivative(a: ArrayLike, approximate: bool = True) -> Array:
@@ -319,19 +364,20 @@ def gelu_derivative(a: ArrayLike, approximate: bool = True) -> Array:
     Tanh form, gelu(a) = ½a(1 + tanh u), u = √(2/π)(a + 0.044715a³):
     gelu'(a) = ½(1 + tanh u) + ½a(1 − tanh² u)·√(2/π)(1 + 3·0.044715a²).
 
-    Both are evaluated at a clipped to [−10, 10]; beyond that the derivative
-    is 1 (a > 0) or 0 to every dtype's precision, and a³ would overflow
-    float16.
+    The exact form computes Φ(a) as ½·erfc(−a/√2), accurate relative to its
+    size in the left tail (gelu'(−12) ≈ −2.4e-31 in float32); where a² overflows
+    (float16, |a| > 255) φ(a) is 0 and so is a·φ(a). The tanh form is evaluated at
+    a clipped to [−10, 10]: beyond that its derivative is 1 (a > 0) or 0 to every
+    dtype's precision, and a³ would overflow float16.
     """
     a = _as_float(a)
+    if not approximate:
+        phi = jnp.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
+        return (0.5 * lax.erfc(-a / math.sqrt(2)) + a * phi).astype(a.dtype)
     c = jnp.clip(a, -10, 10)
-    if approximate:
-        u = _SQRT_2_OVER_PI * (c + _GELU_C * c ** 3)
-        th = jnp.tanh(u)
-        d = 0.5 * (1 + th) + 0.5 * c * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * c * c)
-    else:
-        phi = jnp.exp(-0.5 * c * c) / math.sqrt(2 * math.pi)
-        d = 0.5 * (1 + lax.erf(c / math.sqrt(2))) + c * phi
+    u = _SQRT_2_OVER_PI * (c + _GELU_C * c ** 3)
+    th = jnp.tanh(u)
+    d = 0.5 * (1 + th) + 0.5 * c * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * c * c)
     d = jnp.where(a > 10, jnp.ones_like(a), jnp.where(a < -10, jnp.zeros_like(a), d))
     return d.astype(a.dtype)
 
@@ -461,7 +507,8 @@ def softmax(a: ArrayLike, axis: int | tuple[int, ...] = -1) -> Array:
     >>> [round(float(v), 1) for v in softmax(jnp.array([-0.21, 0.47, 1.72]))]
     [0.1, 0.2, 0.7]
     """
-    return _softmax(_as_float(a), axis)
+    a = _as_float(a)
+    return a if a.size == 0 else _softmax(a, axis)
 
 
 def _log_softmax_formula(a, axis=-1):
@@ -497,7 +544,8 @@ def log_softmax(a: ArrayLike, axis: int | tuple[int, ...] = -1) -> Array:
 
     Derivative (hand-written): ∂/∂aⱼ log σᵢ = δᵢⱼ − σⱼ, applied as a JVP.
     """
-    return _log_softmax(_as_float(a), axis)
+    a = _as_float(a)
+    return a if a.size == 0 else _log_softmax(a, axis)
 
 
 _register("softmax", softmax, _softmax, softmax_derivative, softmax_jvp, jax.nn.softmax,

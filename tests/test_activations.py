@@ -219,3 +219,57 @@ def test_integer_input_becomes_float():
 def test_unknown_activation_name():
     with pytest.raises(ValueError, match="unknown activation 'swishy'"):
         acts.get("swishy")
+
+
+# --- found by jax.nn's own tests (issue 10) --------------------------------------------
+
+@pytest.mark.parametrize("shape", [(9,), (3, 5), (2, 3, 4)], ids=lambda s: f"rank{len(s)}")
+@pytest.mark.parametrize("name", ALL)
+def test_every_rank_matches_jax_nn_in_value_and_gradient(name, shape):
+    x = jax.random.normal(jax.random.key(3), shape) * 3
+    chex.assert_trees_all_close(fn(name)(x), JAX_NN[name](x), rtol=1e-12, atol=1e-14)
+    w = jax.random.normal(jax.random.key(4), shape)  # a random cotangent, so softmax's is not 0
+    ours = jax.grad(lambda a: jnp.sum(w * fn(name)(a)))(x)
+    theirs = jax.grad(lambda a: jnp.sum(w * JAX_NN[name](a)))(x)
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name,param,value", [("elu", "alpha", 0.7),
+                                              ("leaky_relu", "negative_slope", 0.2)])
+def test_gradient_with_respect_to_the_parameter_matches_jax_nn(name, param, value):
+    x = jnp.asarray(np.linspace(-4, 4, 33))
+    ours = jax.grad(lambda p: jnp.sum(fn(name)(x, p)))(value)
+    theirs = jax.grad(lambda p: jnp.sum(JAX_NN[name](x, p)))(value)
+    assert abs(float(ours)) > 1  # it was silently 0
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12)
+    # a learnable per-channel parameter (PReLU): a vector that broadcasts over the batch
+    xs, ps = x.reshape(11, 3), jnp.full((3,), value)
+    chex.assert_trees_all_close(jax.grad(lambda p: jnp.sum(fn(name)(xs, p) ** 2))(ps),
+                                jax.grad(lambda p: jnp.sum(JAX_NN[name](xs, p) ** 2))(ps),
+                                rtol=1e-12)
+    check_grads(lambda p: fn(name)(xs, p), (ps,), order=2, modes=["fwd", "rev"])
+
+
+def test_exact_gelu_is_accurate_in_the_left_tail():
+    # jax's nn_test: rtol 2e-5 against x·Φ(x) over [−12, 5] in float32; 1 + erf(x/√2) cancels
+    from scipy.stats import norm
+
+    xs = np.linspace(-12, 5, 1001)
+    x32 = jnp.asarray(xs, jnp.float32)
+    np.testing.assert_allclose(np.asarray(jaxnet.gelu(x32, approximate=False), np.float64),
+                               xs * norm.cdf(xs), rtol=2e-5, atol=0)
+    assert float(jaxnet.gelu(jnp.float32(-8), approximate=False)) < 0  # not −0.0
+    # gelu'(x) = Φ(x) + x·φ(x) crosses 0 near −0.75, where only an absolute error makes sense
+    want = norm.cdf(xs) + xs * norm.pdf(xs)
+    got = jax.vmap(jax.grad(lambda a: jaxnet.gelu(a, approximate=False)))(x32)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=2e-5, atol=1e-6)
+    tail = xs < -5
+    np.testing.assert_allclose(np.asarray(got, np.float64)[tail], want[tail], rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_softmax_of_an_empty_array_is_empty(name):
+    for shape in [(0,), (3, 0), (0, 4)]:
+        x = jnp.zeros(shape)
+        assert fn(name)(x).shape == JAX_NN[name](x).shape == shape
+        assert jax.grad(lambda a: jnp.sum(fn(name)(a)))(x).shape == shape

@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from _tolerances import TOL
 from jax.test_util import check_grads
@@ -41,7 +42,8 @@ def test_the_rule_is_what_jax_grad_uses(loss):
     outputs, targets = problem(loss, jnp.float64)
     chex.assert_trees_all_close(jax.grad(loss)(outputs, targets),
                                 loss.output_grad(outputs, targets), rtol=1e-15, atol=0)
-    assert isinstance(loss, jax.custom_jvp) and not isinstance(loss.formula, jax.custom_jvp)
+    assert "custom_jvp_call" in str(jax.make_jaxpr(loss)(outputs, targets))
+    assert "custom_jvp_call" not in str(jax.make_jaxpr(loss.formula)(outputs, targets))
 
 
 CASES = [(loss, targets) for loss in (jn.softmax_cross_entropy, jn.cross_entropy)
@@ -110,3 +112,85 @@ def test_finite_for_extreme_logits_in_every_dtype():
 def test_shape_mismatch_is_refused_under_grad_too():
     with pytest.raises(ValueError, match=r"\(4, 3\) and \(4,\)"):
         jax.grad(jn.l2_loss)(jnp.ones((4, 3)), jnp.ones((4,)))
+
+
+# --- found by optax's own tests and a sequence model (issue 10) ------------------------
+
+def sequence_problem(rank, seed=0, classes=3):
+    lead = {1: (), 2: (4,), 3: (2, 5)}[rank]
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    logits = 2 * jax.random.normal(k1, lead + (classes,))
+    labels = jax.random.randint(k2, lead, 0, classes)
+    return logits, labels
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_cross_entropy_is_the_mean_over_every_leading_axis(rank):
+    logits, labels = sequence_problem(rank)
+    per = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    np.testing.assert_allclose(jn.softmax_cross_entropy(logits, labels), jnp.mean(per), rtol=1e-12)
+    # the hand-written gradient was shape[0] times too small a divisor: T times too large
+    want = jax.grad(lambda z: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, labels)))
+    chex.assert_trees_all_close(jax.grad(jn.softmax_cross_entropy)(logits, labels),
+                                want(logits), rtol=1e-12, atol=1e-15)
+    one_hot = jax.nn.one_hot(labels, logits.shape[-1])
+    chex.assert_trees_all_close(jax.grad(jn.softmax_cross_entropy)(logits, one_hot),
+                                want(logits), rtol=1e-12, atol=1e-15)
+    probs = jax.nn.softmax(logits)
+    chex.assert_trees_all_close(jn.cross_entropy(probs, labels), jnp.mean(per), rtol=1e-12)
+    chex.assert_trees_all_close(jax.grad(jn.cross_entropy)(probs, labels),
+                                jax.grad(jn.cross_entropy.formula)(probs, labels), rtol=1e-10)
+
+
+def test_where_masks_positions_in_value_and_gradient():
+    logits, labels = sequence_problem(3)
+    where = jnp.arange(10).reshape(2, 5) % 5 < 3       # the last two steps are padding
+    kept = optax.softmax_cross_entropy_with_integer_labels(logits, labels)[where]
+    np.testing.assert_allclose(jn.softmax_cross_entropy(logits, labels, where=where),
+                               jnp.mean(kept), rtol=1e-12)
+    grad = jax.grad(lambda z: jn.softmax_cross_entropy(z, labels, where=where))(logits)
+    assert not np.any(np.asarray(grad)[~np.asarray(where)])  # padding gets no gradient
+    chex.assert_trees_all_close(
+        grad, jax.grad(lambda z: jn.softmax_cross_entropy.formula(z, labels, where=where))(logits),
+        rtol=1e-12, atol=1e-15)
+    chex.assert_trees_all_close(jn.softmax_cross_entropy.output_grad(logits, labels, where=where),
+                                grad, rtol=1e-12, atol=1e-15)
+    nothing = jnp.zeros_like(where)
+    assert float(jn.softmax_cross_entropy(logits, labels, where=nothing)) == 0.0
+    assert np.all(np.isfinite(jax.grad(
+        lambda z: jn.softmax_cross_entropy(z, labels, where=nothing))(logits)))
+    with pytest.raises(ValueError, match="labels' shape"):
+        jn.softmax_cross_entropy(logits, labels, where=where[:, :3])
+
+
+def test_axis_names_the_class_axis():
+    logits, labels = sequence_problem(3)
+    moved = jnp.moveaxis(logits, -1, 1)            # (batch, classes, time)
+    np.testing.assert_allclose(jn.softmax_cross_entropy(moved, labels, axis=1),
+                               jn.softmax_cross_entropy(logits, labels), rtol=1e-12)
+    chex.assert_trees_all_close(
+        jax.grad(lambda z: jn.softmax_cross_entropy(z, labels, axis=1))(moved),
+        jnp.moveaxis(jax.grad(jn.softmax_cross_entropy)(logits, labels), -1, 1), rtol=1e-12)
+    np.testing.assert_allclose(jn.accuracy(moved, labels, axis=1), jn.accuracy(logits, labels))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_l2_loss_averages_over_the_first_axis_whatever_the_rank(rank):
+    y = jnp.arange(24.0).reshape({1: (24,), 2: (6, 4), 3: (6, 2, 2)}[rank])
+    t = jnp.ones_like(y)
+    n = y.shape[0]
+    np.testing.assert_allclose(jn.l2_loss(y, t), jnp.sum(optax.l2_loss(y, t)) / n, rtol=1e-12)
+    chex.assert_trees_all_close(jax.grad(jn.l2_loss)(y, t), (y - t) / n, rtol=1e-12)
+    # (N,) and (N, 1) are the same data and the same loss
+    np.testing.assert_allclose(jn.l2_loss(y.reshape(n, -1)[:, 0], t.reshape(n, -1)[:, 0]),
+                               jn.l2_loss(y.reshape(n, -1)[:, :1], t.reshape(n, -1)[:, :1]))
+
+
+def test_one_hot_targets_of_the_wrong_width_are_refused():
+    logits, labels = sequence_problem(2)
+    wrong = jax.nn.one_hot(labels, 5)
+    for f in (jn.accuracy, jn.softmax_cross_entropy, jn.cross_entropy):
+        with pytest.raises(ValueError, match="class axis must have the same width"):
+            f(logits, wrong)
+    with pytest.raises(ValueError, match="labels"):
+        jn.accuracy(logits, labels[:2])
