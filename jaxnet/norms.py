@@ -1,0 +1,142 @@
+"""Normalisation layers beside ``LayerNorm`` (in :mod:`jaxnet.layers`): GroupNorm and RMSNorm,
+each with its hand-written backward rule.
+
+Both normalise each example on its own (no batch statistics, no state) and end with a learned
+per-channel affine map; the channel axis is last.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.nn import initializers
+
+from .layers import Initializer, Layer, ShapeError
+
+Array = jax.Array
+
+__all__ = ["GroupNorm", "RMSNorm"]
+
+
+def _check_epsilon(label, epsilon):
+    if not epsilon > 0:
+        raise ValueError(f"{label} epsilon must be positive, got {epsilon!r}")
+
+
+def GroupNorm(num_groups: int, epsilon: float = 1e-5,
+              scale_init: Initializer = initializers.ones,
+              bias_init: Initializer = initializers.zeros) -> Layer:
+    """Group normalisation (Wu & He, 2018) of channels-last inputs.
+
+    The C channels split into G = ``num_groups`` groups of C/G consecutive channels; for each
+    example and group, μ and σ² are the mean and variance over the group's channels and every
+    axis between the batch and the channels (the spatial or time axes):
+
+        x̂ = (x − μ) / √(σ² + ε),   y = x̂·scale + bias   (scale, bias per channel).
+
+    G = 1 is LayerNorm over (*spatial, C); G = C is instance normalisation.
+
+    **Arguments**: ``num_groups`` (must divide the channels), ``epsilon`` ε,
+    ``scale_init``/``bias_init`` (``jax.nn.initializers``; ones and zeros).
+
+    **Shapes**: ``(N, ..., C)`` → the same; params ``{"scale": (C,), "bias": (C,)}``.
+
+    **Backward rule**, with ĝ = g·scale, s = 1/√(σ² + ε) and means over each group's cells:
+    ∂L/∂x = s(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)), ∂L/∂scale = Σ g·x̂, ∂L/∂bias = Σ g (sums over every
+    axis but the channels).
+    """
+    if not isinstance(num_groups, int) or isinstance(num_groups, bool) or num_groups <= 0:
+        raise ValueError(f"GroupNorm num_groups must be a positive integer, got {num_groups!r}")
+    _check_epsilon("GroupNorm", epsilon)
+    label = f"GroupNorm({num_groups})"
+
+    def check(shape, channels=None):
+        shape = tuple(shape)
+        if len(shape) < 2 or (channels is not None and shape[-1] != channels):
+            want = f"(N, ..., {channels if channels is not None else 'C'})"
+            raise ShapeError(f"{label} expects inputs of shape {want}, got {shape}")
+        if shape[-1] % num_groups:
+            raise ValueError(f"{label}: num_groups={num_groups} must divide the {shape[-1]} "
+                             f"channels (input shape {shape})")
+
+    def init(rng, input_shape):
+        check(input_shape)
+        c = input_shape[-1]
+        k1, k2 = jax.random.split(rng)
+        return tuple(input_shape), {"scale": scale_init(k1, (c,)), "bias": bias_init(k2, (c,))}
+
+    def normalise(params, x):
+        check(x.shape, params["scale"].shape[0])
+        r = x.reshape(*x.shape[:-1], num_groups, x.shape[-1] // num_groups)
+        axes = tuple(range(1, r.ndim - 2)) + (r.ndim - 1,)
+        mean = jnp.mean(r, axes, keepdims=True)
+        var = jnp.mean(jnp.square(r - mean), axes, keepdims=True)
+        s = jax.lax.rsqrt(var + jnp.asarray(epsilon, r.dtype))
+        return (r - mean) * s, s, axes
+
+    def apply(params, inputs, **kwargs):
+        xhat, _, _ = normalise(params, inputs)
+        return xhat.reshape(inputs.shape) * params["scale"] + params["bias"]
+
+    def fwd(params, inputs, **kwargs):
+        xhat, s, _ = normalise(params, inputs)
+        return xhat.reshape(inputs.shape) * params["scale"] + params["bias"], (xhat, s)
+
+    def bwd(params, residuals, g):
+        xhat, s = residuals
+        axes = tuple(range(1, xhat.ndim - 2)) + (xhat.ndim - 1,)
+        c = g.shape[-1]
+        gh = (g * params["scale"]).reshape(xhat.shape)
+        dx = s * (gh - jnp.mean(gh, axes, keepdims=True)
+                  - xhat * jnp.mean(gh * xhat, axes, keepdims=True))
+        grads = {"scale": jnp.sum((g * xhat.reshape(g.shape)).reshape(-1, c), 0),
+                 "bias": jnp.sum(g.reshape(-1, c), 0)}
+        return grads, dx.reshape(g.shape)
+
+    return Layer(init, apply, kind="group_norm", label=label, fwd=fwd, bwd=bwd,
+                 config={"num_groups": num_groups, "epsilon": epsilon})
+
+
+def RMSNorm(epsilon: float = 1e-6, scale_init: Initializer = initializers.ones) -> Layer:
+    """Root-mean-square normalisation (Zhang & Sennrich, 2019) over the last axis.
+
+        r = 1/√(mean(x²) + ε),   x̂ = x·r,   y = x̂·scale
+
+    (LayerNorm without the centring and the bias; ε = 1e-6 as in Flax).
+
+    **Shapes**: ``(..., d)`` → the same; params ``{"scale": (d,)}``.
+
+    **Backward rule**, with ĝ = g·scale: ∂L/∂x = r(ĝ − x̂·mean(ĝ·x̂)) (means over the last axis),
+    ∂L/∂scale = Σ g·x̂ (summed over every other axis).
+    """
+    _check_epsilon("RMSNorm", epsilon)
+
+    def init(rng, input_shape):
+        if len(input_shape) < 1 or input_shape[-1] <= 0:
+            raise ShapeError(f"RMSNorm needs a positive feature axis last, got input shape "
+                             f"{tuple(input_shape)}")
+        return tuple(input_shape), {"scale": scale_init(rng, (input_shape[-1],))}
+
+    def normalise(params, x):
+        d = params["scale"].shape[0]
+        if x.ndim < 1 or x.shape[-1] != d:
+            raise ShapeError(f"RMSNorm expects inputs of shape (..., {d}), got {tuple(x.shape)}")
+        r = jax.lax.rsqrt(jnp.mean(jnp.square(x), -1, keepdims=True)
+                          + jnp.asarray(epsilon, x.dtype))
+        return x * r, r
+
+    def apply(params, inputs, **kwargs):
+        return normalise(params, inputs)[0] * params["scale"]
+
+    def fwd(params, inputs, **kwargs):
+        xhat, r = normalise(params, inputs)
+        return xhat * params["scale"], (xhat, r)
+
+    def bwd(params, residuals, g):
+        xhat, r = residuals
+        gh = g * params["scale"]
+        dx = r * (gh - xhat * jnp.mean(gh * xhat, -1, keepdims=True))
+        return {"scale": jnp.sum((g * xhat).reshape(-1, g.shape[-1]), 0)}, dx
+
+    return Layer(init, apply, kind="rms_norm", label="RMSNorm", fwd=fwd, bwd=bwd,
+                 config={"epsilon": epsilon})
