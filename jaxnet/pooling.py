@@ -248,8 +248,7 @@ def _global_avg_bwd(params, in_shape, g):
     return {}, jnp.broadcast_to(share, in_shape)
 
 
+# Global average pooling: y[n, c] = mean over every spatial cell of x[n, …, c];
+# (N, *spatial, C) → (N, C). Backward rule: ∂L/∂x[n, i, c] = δ[n, c] / |spatial|.
 GlobalAvgPool = Layer(_global_avg_init, _global_avg_apply, kind="global_avg_pool",
                       label="GlobalAvgPool", fwd=_global_avg_fwd, bwd=_global_avg_bwd)
-GlobalAvgPool.__doc__ = (
-    "Global average pooling: y[n, c] = mean over every spatial cell of x[n, …, c]; "
-    "(N, *spatial, C) → (N, C). Backward rule: ∂L/∂x[n, i, c] = δ[n, c] / |spatial|.")
