@@ -88,12 +88,23 @@ class Dataset:
 
 # --- checks ------------------------------------------------------------------
 
-def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, where: str = "data") -> None:
+def _row(i: int, lines: np.ndarray | None) -> str:
+    """Row ``i`` (0-based) as a message names it: its file line for a CSV file, else
+    ``row i`` (the 0-based index into the arrays)."""
+    return f"line {int(lines[i])}" if lines is not None else f"row {i}"
+
+
+def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, where: str = "data", *,
+             lines: np.ndarray | None = None, dtype: np.dtype = np.float32) -> None:
     """Refuse data that cannot be trained on, with a one-line :class:`DataError`.
 
-    Checks: at least one row; features and labels of one length; finite
-    features and targets (no NaN or infinity: names the first bad row);
-    for classification, integer labels in [0, num_classes).
+    Checks: at least one row; features and labels of one length; real numbers
+    (complex values are refused: their imaginary part would be dropped); finite
+    features and targets in the training ``dtype`` (no NaN or infinity, and no
+    value such as 1e39 that becomes infinite in float32: names the first bad
+    row); for classification, integer labels in [0, num_classes). ``lines``
+    maps rows to file lines, which the messages then name (``line 5``) instead
+    of the 0-based row index.
     """
     x, y = np.asarray(x), np.asarray(y)
     if x.ndim < 1 or len(x) == 0:
@@ -102,23 +113,70 @@ def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, where: str =
         raise DataError(f"{where}: features and labels have different lengths "
                         f"({len(x)} rows of features, {len(y) if y.ndim else 0} labels)")
     for what, a in (("features", x), ("labels", y)):
+        if np.iscomplexobj(a):
+            raise DataError(f"{where}: {what} are complex numbers (dtype {a.dtype}); jaxnet "
+                            f"trains on real numbers and would drop the imaginary part: store "
+                            f"the real and imaginary parts as separate features")
         if not np.issubdtype(a.dtype, np.number):
             raise DataError(f"{where}: {what} must be numbers, got dtype {a.dtype}")
-        bad = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+        flat = a.reshape(len(a), -1)
+        bad = ~np.isfinite(flat).all(axis=1)
         if bad.any():
-            raise DataError(f"{where}: {what} contain NaN or infinity (first in row "
-                            f"{int(np.argmax(bad))}, {int(bad.sum())} rows in all)")
+            raise DataError(f"{where}: {what} contain NaN or infinity (first in "
+                            f"{_row(int(np.argmax(bad)), lines)}, {int(bad.sum())} rows in all)")
+        if what == "features" or num_classes is None:  # trained on in ``dtype``
+            with np.errstate(over="ignore"):
+                big = ~np.isfinite(flat.astype(dtype)).all(axis=1)
+            if big.any():
+                i = int(np.argmax(big))
+                value = flat[i][~np.isfinite(flat[i].astype(dtype))][0]
+                raise DataError(f"{where}: {what} hold {value:g} in {_row(i, lines)}, beyond "
+                                f"{np.dtype(dtype).name}'s largest number "
+                                f"({float(np.finfo(dtype).max):.3g}); training would see "
+                                f"infinity: rescale the data")
     if num_classes is None:
         return
+    _check_labels(y, num_classes, where, lines)
+
+
+def _check_labels(y: np.ndarray, num_classes: int | None, where: str,
+                  lines: np.ndarray | None) -> None:
+    """Class labels: one integer per row, in [0, num_classes) (``None``: at least 0)."""
     if y.ndim != 1:
         raise DataError(f"{where}: class labels must be one integer per row, got shape {y.shape}")
     if not np.all(np.mod(y, 1) == 0):
         i = int(np.argmax(np.mod(y, 1) != 0))
-        raise DataError(f"{where}: class labels must be integers, got {y[i]:g} in row {i}")
-    out = (y < 0) | (y >= num_classes)
+        raise DataError(f"{where}: class labels must be integers, got {y[i]:g} in "
+                        f"{_row(i, lines)}")
+    out = (y < 0) | (y >= (num_classes if num_classes is not None else np.inf))
     if out.any():
         i = int(np.argmax(out))
-        raise DataError(f"{where}: label {y[i]:g} in row {i} is outside [0, {num_classes})")
+        bound = num_classes if num_classes is not None else "classes"
+        raise DataError(f"{where}: label {y[i]:g} in {_row(i, lines)} is outside [0, {bound})"
+                        + ("" if num_classes is not None else ": labels are class numbers "
+                           "counted from 0"))
+
+
+#: Without ``num_classes``, inferring more classes than this is refused.
+MAX_INFERRED_CLASSES = 10_000
+
+
+def _infer_classes(y: np.ndarray, where: str, lines: np.ndarray | None) -> int:
+    """The largest label + 1, refused when that cannot be right: most of those classes
+    would have no row (a typo such as 100000 among labels 0-9), more than
+    :data:`MAX_INFERRED_CLASSES`, or a single class."""
+    i = int(np.argmax(y))
+    classes = int(y[i]) + 1
+    present = len(np.unique(y))
+    hint = "pass --classes K (num_classes=K) if the net should have K outputs"
+    if classes > MAX_INFERRED_CLASSES or present * 2 < classes:
+        raise DataError(f"{where}: the largest label, {y[i]:g} in {_row(i, lines)}, makes "
+                        f"{classes} classes, but only {present} distinct labels occur (most "
+                        f"classes would have no row: a typo in that label?); {hint}")
+    if present < 2:
+        raise DataError(f"{where}: every label is {y[0]:g}: one class, nothing to tell apart; "
+                        f"classification needs at least two classes")
+    return classes
 
 
 # --- splitting ---------------------------------------------------------------
@@ -284,27 +342,81 @@ BUILTIN: dict[str, Callable[..., Dataset]] = {
 # --- user files --------------------------------------------------------------
 
 def _read_npz(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
-        missing = [k for k in ("x", "y") if k not in f.files]
-        if missing:
-            raise DataError(f"{path}: needs arrays named 'x' and 'y', missing {missing} "
-                            f"(found {sorted(f.files)})")
-        return f["x"], f["y"]
+    """Arrays ``x`` and ``y`` of a ``.npz`` file; anything else is a one-line DataError."""
+    import zipfile
+
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if not head:
+        raise DataError(f"{path}: the file is empty")
+    if head == b"\x93NUMPY":
+        raise DataError(f"{path}: this is a single .npy array, not a .npz archive; save x and y "
+                        f"together with numpy.savez(path, x=x, y=y)")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a .npz archive (not a zip file: truncated, or another "
+                        f"format); save x and y with numpy.savez(path, x=x, y=y)")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x", "y") if k not in f.files]
+            if missing:
+                raise DataError(f"{path}: needs arrays named 'x' and 'y', missing {missing} "
+                                f"(found {sorted(f.files)})")
+            arrays = []
+            for k in ("x", "y"):
+                try:
+                    arrays.append(f[k])
+                except ValueError as e:
+                    if "allow_pickle" in str(e):
+                        raise DataError(f"{path}: array {k!r} holds Python objects (stored by "
+                                        f"pickle, which jaxnet does not load); save numbers") \
+                            from None
+                    raise
+            return arrays[0], arrays[1]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{path}: damaged .npz archive ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:120]})") from None
 
 
-def _number(text: str, path: str, row: int, column: str) -> float:
+def _number(text: str, path: str, line: int, column: str) -> float:
     try:
         return float(text) if text.strip() else float("nan")
     except ValueError:
-        raise DataError(f"{path}: row {row}, column {column!r}: {text!r} is not a number") from None
+        raise DataError(f"{path}: line {line}, column {column!r}: {text!r} is not a "
+                        f"number") from None
 
 
-def _read_csv(path: str, label_column: str | None) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r]
+def _csv_text(path: str) -> str:
+    """The file as text: UTF-8, with or without a byte-order mark; other bytes are a
+    DataError naming the line."""
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (byte 0x{data[e.start]:02x} at "
+                        f"column {column}); save the file as UTF-8") from None
+
+
+def _read_csv(path: str, label_column: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, labels and the file line of each row."""
+    import io
+
+    reader = csv.reader(io.StringIO(_csv_text(path), newline=""))
+    rows, lines = [], []
+    try:
+        for r in reader:
+            if r:
+                rows.append(r)
+                lines.append(reader.line_num)
+    except csv.Error as e:
+        raise DataError(f"{path}: line {reader.line_num}: {e}") from None
     if not rows:
         raise DataError(f"{path}: the file is empty")
-    header, body = [h.strip() for h in rows[0]], rows[1:]
+    header, body, lines = [h.strip() for h in rows[0]], rows[1:], lines[1:]
     if label_column is None:
         raise DataError(f"{path}: name the label column with --label-column "
                         f"(columns: {', '.join(header)})")
@@ -314,17 +426,18 @@ def _read_csv(path: str, label_column: str | None) -> tuple[np.ndarray, np.ndarr
     feats = [c for c in range(len(header)) if c != j]
     x = np.empty((len(body), len(feats)), dtype=np.float64)
     labels: list[str] = []
-    for i, r in enumerate(body, start=2):
+    for k, (r, line) in enumerate(zip(body, lines)):
         if len(r) != len(header):
-            raise DataError(f"{path}: row {i} has {len(r)} fields, the header has {len(header)}")
-        x[i - 2] = [_number(r[c], path, i, header[c]) for c in feats]
+            raise DataError(f"{path}: line {line} has {len(r)} fields, the header has "
+                            f"{len(header)}")
+        x[k] = [_number(r[c], path, line, header[c]) for c in feats]
         labels.append(r[j].strip())
     try:
         y = np.array([float(v) if v else np.nan for v in labels])
     except ValueError:  # text labels: number the classes in sorted order
         names = sorted(set(labels))
         y = np.array([names.index(v) for v in labels])
-    return x, y
+    return x, y, np.array(lines, dtype=np.int64)
 
 
 def from_file(path: str, *, label_column: str | None = None, num_classes: int | None = None,
@@ -332,21 +445,35 @@ def from_file(path: str, *, label_column: str | None = None, num_classes: int | 
               test_fraction: float = 0.2) -> Dataset:
     """A user's data from ``PATH.npz`` (arrays ``x``, ``y``) or ``PATH.csv`` (header row).
 
-    For CSV, ``label_column`` names the label column; every other column is a
-    feature (empty fields are NaN and refused). Text labels are numbered in
-    sorted order. Classification by default: labels must be integers in
-    [0, num_classes), with ``num_classes`` defaulting to the largest label + 1.
-    ``regression=True`` keeps float targets. Split as :func:`split`.
+    For CSV (UTF-8, a byte-order mark allowed), ``label_column`` names the
+    label column; every other column is a feature (empty fields are NaN and
+    refused); messages name file lines. Text labels are numbered in sorted
+    order. Classification by default: labels must be integers in
+    [0, num_classes), with ``num_classes`` defaulting to the largest label + 1
+    (refused when most of those classes would have no row, above
+    :data:`MAX_INFERRED_CLASSES`, or for a single class). ``regression=True``
+    keeps float targets. Values are checked in float32, the training dtype.
+    Unreadable, damaged or mistyped files are a one-line :class:`DataError`.
+    Split as :func:`split`.
     """
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a data file")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{path}: cannot read the file (permission denied)")
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".npz":
-        x, y = _read_npz(path)
-    elif ext == ".csv":
-        x, y = _read_csv(path, label_column)
-    else:
-        raise DataError(f"{path}: unknown file type {ext!r}; use .npz (arrays x and y) or .csv")
+    lines = None
+    try:
+        if ext == ".npz":
+            x, y = _read_npz(path)
+        elif ext == ".csv":
+            x, y, lines = _read_csv(path, label_column)
+        else:
+            raise DataError(f"{path}: unknown file type {ext!r}; use .npz (arrays x and y) or "
+                            f".csv")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror or e})") from None
     x = np.asarray(x)
     if x.ndim == 1:
         x = x[:, None]
@@ -355,14 +482,10 @@ def from_file(path: str, *, label_column: str | None = None, num_classes: int | 
     if regression:
         classes = None
     else:
-        validate(x, y, None, path)
-        if y.ndim != 1:
-            raise DataError(f"{path}: class labels must be one integer per row, got shape "
-                            f"{y.shape}")
-        classes = num_classes if num_classes is not None else int(np.max(y)) + 1
-        if classes < 1:
-            raise DataError(f"{path}: labels must be integers in [0, classes), got largest "
-                            f"{y.max()}")
+        validate(x, y, None, path, lines=lines)
+        _check_labels(y, num_classes, path, lines)
+        classes = num_classes if num_classes is not None else _infer_classes(y, path, lines)
+    validate(x, y, classes, path, lines=lines)
     return split(x, y, num_classes=classes, name=path, description=f"user data from {path}",
                  val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed)
 

@@ -119,5 +119,5 @@ def test_unknown_names_and_files_are_refused(tmp_path):
     with pytest.raises(datasets.DataError, match="needs arrays named 'x' and 'y'"):
         datasets.load(str(tmp_path / "bad.npz"))
     (tmp_path / "bad.csv").write_text("a,label\n1,0\nfoo,1\n")
-    with pytest.raises(datasets.DataError, match="row 3, column 'a': 'foo' is not a number"):
+    with pytest.raises(datasets.DataError, match="line 3, column 'a': 'foo' is not a number"):
         datasets.load(str(tmp_path / "bad.csv"), label_column="label")
