@@ -282,12 +282,14 @@ class FitResult(NamedTuple):
         epoch's steps), ``train_loss`` and each ``train_<metric>`` (after the
         epoch, whole training set), ``val_loss`` and ``val_<metric>`` (with
         validation data), ``seconds`` (wall time of the epoch).
-      stop_reason: ``"epochs"``, ``"early_stopping"``, ``"nan"`` (a step's loss
-        was not finite: state and progress are the last good epoch's) or
+      stop_reason: ``"epochs"``, ``"early_stopping"``, ``"nan"`` (a step's loss,
+        an epoch metric or a value of the state was not finite: state and progress
+        are the last good epoch's) or
         ``"interrupted"`` (KeyboardInterrupt: the last completed epoch's).
       epochs_run: completed epochs (including those before a resume).
       best_epoch: epoch of the best validation loss (``None`` without validation).
-      nan_at: ``(epoch, step)`` where the loss first was NaN or infinite, 1-based.
+      nan_at: ``(epoch, step)`` where the loss first was NaN or infinite, 1-based
+        (a finite epoch whose metrics or state are not: its last step).
       progress: the resumable :class:`FitProgress` at the last completed epoch.
     """
 
@@ -298,6 +300,14 @@ class FitResult(NamedTuple):
     best_epoch: int | None
     nan_at: tuple[int, int] | None
     progress: FitProgress
+
+
+@jax.jit
+def _finite(tree: Any) -> Array:
+    """Whether every floating leaf of ``tree`` is finite (no NaN or infinity)."""
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(a.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def _copy(tree: Any) -> Any:
@@ -449,6 +459,10 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
                     best = (_copy(state.params), scores["loss"], epoch, 0)
                 else:
                     best = best[:3] + (best[3] + 1,)
+            if not (all(math.isfinite(v) for v in record.values()) and _finite(state)):
+                # the steps' losses were finite, but the epoch's metrics or the state are not
+                nan_at, stop_reason = (epoch, epoch * steps_per_epoch), "nan"
+                break
             record["seconds"] = time.perf_counter() - t0
             for k, v in record.items():
                 history.setdefault(k, []).append(v)
