@@ -4,18 +4,23 @@ Trains an MLP on a built-in data set or a user's file, with a progress bar,
 per-epoch metrics, a final test accuracy, optional checkpoints, a JSON report
 and a PNG of the learning curves. ``jaxnet train --help`` lists every flag.
 
-Exit codes: 0 done; 2 bad input (a one-line error before training starts);
-1 the loss became NaN (the last good checkpoint is kept); 130 interrupted by
-Ctrl-C (a checkpoint and the report so far are written first).
+Exit codes: 0 done; 2 bad input, unwritable outputs or an unusable checkpoint
+(a one-line error before training starts); 1 the loss became NaN (the last
+good checkpoint is kept), or a result file could not be written at the end
+(the results are printed first); 130 interrupted by Ctrl-C and 143 by SIGTERM
+(what a cluster sends before preempting a job): a checkpoint and the report
+so far are written first, and further signals during that save wait for it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import platform
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -117,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
                    help="epochs between checkpoints")
     r.add_argument("--resume", action="store_true",
-                   help="continue from the newest checkpoint in --checkpoint-dir")
+                   help="continue from the newest intact checkpoint in --checkpoint-dir (a "
+                        "damaged newest one is skipped, saying so)")
+    r.add_argument("--resume-from", type=int, default=None, metavar="EPOCH",
+                   help="continue from the checkpoint of this epoch in --checkpoint-dir")
     r.add_argument("--report", default=None, metavar="PATH",
                    help="write a JSON report (test accuracy and loss, epochs, time, steps/s, "
                         "params, depth, width, device, versions, history)")
@@ -177,8 +185,16 @@ def _check_numbers(args) -> None:
     if not (math.isfinite(args.dropout) and 0 <= args.dropout < 1):
         raise UsageError(f"--dropout is the probability of dropping a unit and must be in "
                          f"[0, 1), got {args.dropout}")
-    if args.classes is not None and args.classes < 1:
-        raise UsageError(f"--classes must be at least 1, got {args.classes}")
+    if args.classes is not None and args.classes < 2:
+        raise UsageError(f"--classes must be at least 2, got {args.classes}")
+    for flag, value, high in (("--seed", args.seed, 2**63 - 1),
+                              ("--split-seed", args.split_seed, 2**32 - 1)):
+        if not 0 <= value <= high:
+            raise UsageError(f"{flag} must be in [0, {high}], got {value}")
+    if args.resume_from is not None:
+        if args.resume_from < 1:
+            raise UsageError(f"--resume-from is an epoch (1 or more), got {args.resume_from}")
+        args.resume = True
     if args.resume and not args.checkpoint_dir:
         raise UsageError("--resume needs --checkpoint-dir")
 
@@ -234,13 +250,76 @@ def _device() -> str:
            f"{os.cpu_count()} cores)"
 
 
+def _finite_json(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON's null)."""
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    if isinstance(value, float) or hasattr(value, "dtype"):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return value
+        return number if math.isfinite(number) else None
+    return value
+
+
 def _write_json(path: str, report: dict) -> None:
+    """Write ``report`` as strict JSON (NaN and infinity as null), atomically."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(report, f, indent=2, default=float, allow_nan=True)
+        json.dump(_finite_json(report), f, indent=2, default=float, allow_nan=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _check_writable(flag: str, path: str, directory: bool = False) -> None:
+    """Refuse an output path that cannot be written, before training: a directory where a
+    file goes (or a file where a directory goes), a dangling symbolic link, a path under a
+    regular file, or a place this process cannot write to."""
+    full = os.path.abspath(path)
+    if os.path.islink(full) and not os.path.exists(full):
+        raise UsageError(f"{flag} {path}: is a symbolic link to {os.readlink(full)}, which does "
+                         f"not exist")
+    if directory and os.path.exists(full) and not os.path.isdir(full):
+        raise UsageError(f"{flag} {path}: is a file, not a directory")
+    if not directory and os.path.isdir(full):
+        raise UsageError(f"{flag} {path}: is a directory; give a file name")
+    probe = full if directory else os.path.dirname(full)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UsageError(f"{flag} {path}: {probe} is a file, so nothing can be created under it")
+    if not directory and os.path.exists(full) and not os.access(full, os.W_OK):
+        raise UsageError(f"{flag} {path}: the file is not writable")
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=probe) as f:
+            f.write(b"0")
+            f.flush()
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot write in {probe} ({e.strerror or e})") from None
+
+
+def _check_outputs(args) -> None:
+    """Every output flag checked before training: writable places and a known plot format."""
+    if args.report:
+        _check_writable("--report", args.report)
+    if args.plot:
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        ext = os.path.splitext(args.plot)[1].lower().lstrip(".")
+        if ext not in formats:
+            raise UsageError(f"--plot {args.plot}: unknown image format "
+                             f"{'.' + ext if ext else '(no extension)'}; use one of "
+                             f"{', '.join('.' + f for f in sorted(formats))}")
+        _check_writable("--plot", args.plot)
+    if args.checkpoint_dir:
+        _check_writable("--checkpoint-dir", args.checkpoint_dir, directory=True)
 
 
 def plot_history(history: dict[str, list[float]], path: str, title: str = "") -> None:
@@ -279,6 +358,60 @@ def _say(quiet: bool, text: str, file=None) -> None:
             print(text, file=file or sys.stdout)
 
 
+class _Signals:
+    """Ctrl-C (SIGINT) and SIGTERM during a run, both as a KeyboardInterrupt that
+    ``fit`` turns into ``stop_reason="interrupted"``. Inside :meth:`defer` (a
+    checkpoint save, the final evaluation and report) a signal only sets ``pending``:
+    the save finishes whole, and :meth:`raise_pending` raises it afterwards.
+    ``received`` is the first signal's number."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.pending = False
+        self._deferring = 0
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signum
+        if self._deferring:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave the signals alone
+                return
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+    @contextlib.contextmanager
+    def defer(self):
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+
+    def raise_pending(self) -> None:
+        if self.pending and not self._deferring:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    @property
+    def terminated(self) -> bool:
+        return self.received == signal.SIGTERM
+
+
+_SIGNALS = _Signals()
+
+
 def _epoch_line(record: dict[str, float], epochs: int) -> str:
     parts = [f"epoch {int(record['epoch']):>3}/{epochs}"]
     for key, label in (("train_loss", "loss"), ("train_accuracy", "acc"), ("val_loss", "val_loss"),
@@ -290,7 +423,7 @@ def _epoch_line(record: dict[str, float], epochs: int) -> str:
 
 
 _REASONS = {"epochs": "all epochs run", "early_stopping": "stopped early",
-            "interrupted": "interrupted", "nan": "NaN loss"}
+            "interrupted": "interrupted", "terminated": "terminated", "nan": "NaN loss"}
 
 
 def _train(args) -> int:
@@ -301,23 +434,34 @@ def _train(args) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     args.data_parallel = args.data_parallel or distributed
-    try:
-        run = _setup(args)
-    except (ValueError, TypeError) as e:  # DataError, CheckpointError, bad settings
-        raise UsageError(str(e)) from None
-    return _run(args, *run)
+    with contextlib.ExitStack() as held:  # the checkpoint directory's lock, for the run
+        try:
+            run = _setup(args, held)
+        except (ValueError, TypeError) as e:  # DataError, CheckpointError, bad settings
+            raise UsageError(str(e)) from None
+        return _run(args, *run)
 
 
-def _setup(args):
-    """Everything that can refuse the input, before any training."""
+def _setup(args, held: contextlib.ExitStack):
+    """Everything that can refuse the input, before any training; takes the checkpoint
+    directory's lock (released by ``held``)."""
     _check_numbers(args)
     widths = _hidden_widths(args)
     from . import datasets
 
-    if args.classes is not None and args.data in datasets.BUILTIN:
-        raise UsageError(f"--classes is for a user's file; {args.data} has its own classes")
+    for flag, value in (("--classes", args.classes), ("--label-column", args.label_column)):
+        if value is not None and args.data in datasets.BUILTIN:
+            raise UsageError(f"{flag} is for a user's file; {args.data} has its own labels and "
+                             f"classes")
+    if args.resume and not os.path.isdir(args.checkpoint_dir):
+        raise UsageError(f"--resume: {args.checkpoint_dir}: no checkpoint directory")
+    _check_outputs(args)
     data = datasets.load(args.data, label_column=args.label_column, num_classes=args.classes,
                          split_seed=args.split_seed)
+    if args.patience and len(data.x_val) == 0:
+        print(f"jaxnet train: note: the {sum(data.sizes.values())} rows of {data.name} leave "
+              f"none for validation, so early stopping (--patience) is off", file=sys.stderr)
+        args.patience = 0
     activation, output_activation = _activations(args, data.task)
     if args.data_parallel:
         data = _own_rows(args, data)
@@ -345,9 +489,17 @@ def _setup(args):
     config = _config(args, widths, output_activation)
     info = summary(net, input_shape)
 
+    import jax
+
+    if args.checkpoint_dir and jax.process_index() == 0:  # process 0 writes for all
+        lock = held.enter_context(ckpt.DirectoryLock(args.checkpoint_dir))
+        if lock.stale_owner:
+            print(f"jaxnet train: note: took over the stale lock of {args.checkpoint_dir} (pid "
+                  f"{lock.stale_owner.get('pid', '?')} on {lock.stale_owner.get('host', '?')} is "
+                  f"gone)", file=sys.stderr)
     start: Any = state
     if args.resume:
-        start, meta = ckpt.restore_checkpoint(args.checkpoint_dir, state)
+        start, meta = _restore(args, state)
         saved = meta.get("config", {})
         keys = _RESUME_KEYS + (("epochs",) if "cosine" in args.schedule else ())
         for key in keys:
@@ -356,6 +508,27 @@ def _setup(args):
                 raise UsageError(f"--resume: the checkpoint was trained with {key} = "
                                  f"{was!r}, this run has {config[key]!r}")
     return data, net, loss, metrics, optimizer, start, config, info, widths, out_dim
+
+
+def _restore(args, state):
+    """The checkpoint to resume from: ``--resume-from``'s epoch, or the newest intact one
+    (a damaged newer one is skipped, saying which and why)."""
+    from . import checkpoint as ckpt
+
+    directory = args.checkpoint_dir
+    if args.resume_from is not None:
+        try:
+            return ckpt.restore_checkpoint(directory, state, epoch=args.resume_from)
+        except ckpt.DamagedCheckpointError as e:
+            others = [x for x in ckpt.saved_epochs(directory) if x != e.epoch]
+            raise UsageError(f"{e}" + (f"; --resume-from one of the other saved epochs "
+                                       f"({', '.join(map(str, others))})" if others else
+                                       "; no other epoch is saved")) from None
+    progress, meta, skipped = ckpt.restore_newest_intact(directory, state)
+    for e in skipped:
+        print(f"jaxnet train: warning: {e}; resuming from epoch {progress.epoch}, the newest "
+              f"intact checkpoint (--resume-from EPOCH picks one)", file=sys.stderr)
+    return progress, meta
 
 
 def _steps_per_epoch(args, data) -> int:
@@ -391,13 +564,10 @@ def _own_rows(args, data):
 
 
 def _run(args, data, net, loss, metrics, optimizer, start, config, info, widths, out_dim) -> int:
-    import jax
-
     from . import checkpoint as ckpt
     from . import train
 
     activation, output_activation = config["activation"], config["output_activation"]
-    steps_per_epoch = _steps_per_epoch(args, data)
     quiet = args.quiet
     _say(quiet, f"jaxnet train: {data.name} ({data.sizes['train']}/{data.sizes['val']}/"
                 f"{data.sizes['test']} train/val/test, {data.num_features} features), "
@@ -417,7 +587,12 @@ def _run(args, data, net, loss, metrics, optimizer, start, config, info, widths,
         record = {k: v[-1] for k, v in progress.history.items()}
         _say(quiet, _epoch_line(record, args.epochs))
         if args.checkpoint_dir and progress.epoch % args.checkpoint_every == 0:
-            save(progress)
+            with _SIGNALS.defer():  # a signal now waits for the save to finish
+                save(progress)
+        _SIGNALS.raise_pending()
+
+    if args.resume:
+        saved_epochs.add(start.epoch)  # on disk, intact: not saved again
 
     t0 = time.perf_counter()
     result = train.fit(net, loss, optimizer, start, (data.x_train, data.y_train),
@@ -427,11 +602,26 @@ def _run(args, data, net, loss, metrics, optimizer, start, config, info, widths,
                        progress=not quiet, on_epoch_end=on_epoch_end,
                        mesh=_mesh(args))
     train_seconds = time.perf_counter() - t0
-    interrupted = result.stop_reason == "interrupted"
+    with _SIGNALS.defer():  # from here on a signal only marks the run as interrupted
+        return _finish(args, data, net, loss, metrics, start, config, info, widths, result,
+                       train_seconds, save)
+
+
+def _finish(args, data, net, loss, metrics, start, config, info, widths, result,
+            train_seconds, save) -> int:
+    """Save, evaluate, print the results, then write the report and plot: a file that cannot
+    be written is an error after the results are on the terminal."""
+    import jax
+
+    from . import train
+
+    steps_per_epoch = _steps_per_epoch(args, data)
+    problems = []
     try:
         save(result.progress)  # the last completed epoch (the last good one after a NaN)
-    except KeyboardInterrupt:
-        interrupted = True
+    except (OSError, ValueError) as e:  # a full disk; CheckpointError
+        problems.append(f"could not save the checkpoint in {args.checkpoint_dir} ({e})")
+    interrupted = result.stop_reason == "interrupted" or _SIGNALS.received is not None
 
     eval_step = train.make_eval_step(net, loss, metrics)
     test = train.evaluate(eval_step, result.state.params, data.x_test, data.y_test)
@@ -447,7 +637,8 @@ def _run(args, data, net, loss, metrics, optimizer, start, config, info, widths,
             len(after_first) * steps_per_epoch / sum(after_first) if after_first else None),
         "param_count": info.param_count, "depth": info.depth, "width": info.width,
         "device": _device(), "versions": _versions(),
-        "stop_reason": result.stop_reason, "best_epoch": result.best_epoch,
+        "stop_reason": ("terminated" if _SIGNALS.terminated else "interrupted") if interrupted
+        else result.stop_reason, "best_epoch": result.best_epoch,
         "nan_at": None if result.nan_at is None else
         {"epoch": result.nan_at[0], "step": result.nan_at[1]},
         "data": {"name": data.name, "description": data.description, **data.sizes,
@@ -455,32 +646,46 @@ def _run(args, data, net, loss, metrics, optimizer, start, config, info, widths,
         "config": config, "steps_per_epoch": steps_per_epoch, "resumed": bool(args.resume),
         "history": history,
     }
-    lead = jax.process_index() == 0  # with several processes, process 0 writes the files
-    if args.report and lead:
-        _write_json(args.report, report)
-    if args.plot and history.get("epoch") and lead:
-        plot_history(history, args.plot, f"{data.name}: MLP {'-'.join(map(str, widths))}")
+    acc = test.get("accuracy")
+    line = (f"test accuracy {acc:.4f}  " if acc is not None else "") + \
+        f"test loss {test['loss']:.4f}  ({result.epochs_run} epochs, " + \
+        _REASONS.get(report["stop_reason"], report["stop_reason"]) + \
+        (f", best epoch {result.best_epoch}" if result.best_epoch else "") + \
+        f"; {train_seconds:.1f} s, {report['steps_per_second'] or 0:.0f} steps/s)"
 
+    # the results first, so that a file that cannot be written loses nothing
     if result.stop_reason == "nan":
         epoch, step = result.nan_at
         kept = (f"; checkpoint of epoch {result.epochs_run} kept in {args.checkpoint_dir}"
                 if args.checkpoint_dir else "")
         print(f"jaxnet train: error: the loss became NaN (or infinite) at epoch {epoch}, step "
               f"{step} (try a lower --lr){kept}", file=sys.stderr)
-        return 1
-    acc = test.get("accuracy")
-    line = (f"test accuracy {acc:.4f}  " if acc is not None else "") + \
-        f"test loss {test['loss']:.4f}  ({result.epochs_run} epochs, " + \
-        _REASONS.get(result.stop_reason, result.stop_reason) + \
-        (f", best epoch {result.best_epoch}" if result.best_epoch else "") + \
-        f"; {train_seconds:.1f} s, {report['steps_per_second'] or 0:.0f} steps/s)"
-    if interrupted:
-        where = f", checkpoint in {args.checkpoint_dir}" if args.checkpoint_dir else ""
-        print(f"jaxnet train: interrupted after epoch {result.epochs_run}{where}; {line}",
-              file=sys.stderr)
-        return 130
-    print(line)
-    return 0
+        code = 1
+    elif interrupted:
+        what = "terminated (SIGTERM)" if _SIGNALS.terminated else "interrupted"
+        saved = [f"checkpoint in {args.checkpoint_dir}"] if args.checkpoint_dir and not problems \
+            else []
+        saved += [f"report in {args.report}"] if args.report else []
+        print(f"jaxnet train: {what} after epoch {result.epochs_run}"
+              f"{', ' + ', '.join(saved) if saved else ''}; {line}", file=sys.stderr)
+        code = 143 if _SIGNALS.terminated else 130
+    else:
+        print(line)
+        code = 0
+    lead = jax.process_index() == 0  # with several processes, process 0 writes the files
+    for flag, path, write in (
+            ("--report", args.report, lambda: _write_json(args.report, report)),
+            ("--plot", args.plot if history.get("epoch") else None,
+             lambda: plot_history(history, args.plot,
+                                  f"{data.name}: MLP {'-'.join(map(str, widths))}"))):
+        if path and lead:
+            try:
+                write()
+            except (OSError, ValueError) as e:
+                problems.append(f"could not write {flag} {path} ({e})")
+    for problem in problems:
+        print(f"jaxnet train: error: {problem}", file=sys.stderr)
+    return code if code or not problems else 1
 
 
 def _mesh(args):
@@ -495,6 +700,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``jaxnet`` command with ``argv`` (default: ``sys.argv[1:]``); return the exit
     code."""
     parser = build_parser()
+    signals = _SIGNALS
+    signals.__init__()
+    signals.install()
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -504,8 +712,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     except KeyboardInterrupt:  # before training started (fit handles it during training)
-        print("jaxnet train: interrupted before training started", file=sys.stderr)
-        return 130
+        what = "terminated (SIGTERM)" if signals.terminated else "interrupted"
+        print(f"jaxnet train: {what} before training started", file=sys.stderr)
+        return 143 if signals.terminated else 130
     except UsageError as e:
         print(f"jaxnet train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    finally:
+        signals.restore()
