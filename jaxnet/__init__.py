@@ -1,11 +1,11 @@
 """jaxnet: neural networks on JAX from pure (init, apply) layers with hand-written derivatives.
 
 The public surface is re-exported here; see each module for the math.
-Modules: activations, layers, combinators, summary, collapse, checks, losses,
+Modules: activations, protocol, layers, combinators, summary, collapse, checks, losses,
 backprop, train, datasets, checkpoint, precision, sharding, cli.
 """
 
-from . import activations, checkpoint, datasets, losses, precision, sharding, train
+from . import activations, checkpoint, datasets, losses, precision, protocol, sharding, train
 from .activations import (
     ACTIVATIONS,
     elu,
@@ -43,6 +43,7 @@ from .layers import (
     Silu,
     Softmax,
     Softplus,
+    StatefulLayerError,
     Tanh,
     elementwise,
 )
@@ -58,7 +59,8 @@ __all__ = [
     "ACTIVATIONS", "sigmoid", "tanh", "relu", "leaky_relu", "elu", "gelu", "softplus", "silu",
     "identity", "softmax", "log_softmax",
     # layers
-    "Layer", "ShapeError", "NoBackwardRuleError", "Dense", "elementwise", "Activation",
+    "Layer", "ShapeError", "NoBackwardRuleError", "StatefulLayerError", "Dense", "elementwise",
+    "Activation",
     "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Elu", "Gelu", "Softplus", "Silu", "Identity",
     "Softmax", "LogSoftmax", "Flatten", "Dropout", "LayerNorm",
     # combinators
@@ -76,4 +78,5 @@ __all__ = [
     "Policy", "mixed_precision",
     # modules
     "activations", "losses", "train", "datasets", "checkpoint", "precision", "sharding",
+    "protocol",
 ]

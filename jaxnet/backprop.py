@@ -26,7 +26,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .layers import Layer, Params, empty_params, label_of, layer_bwd, layer_fwd
+from .protocol import (
+    Context,
+    Layer,
+    Params,
+    init_with_state,
+    is_layer,
+    label_of,
+    layer_bwd,
+    layer_fwd,
+    output_leaf,
+)
 
 Array = jax.Array
 Loss = Callable[[Any, Any], Array]
@@ -38,43 +48,17 @@ class AutodiffFallbackWarning(UserWarning):
     """Some layers of the net had no hand-written backward rule and used ``jax.vjp``."""
 
 
-def _is_activation(layer: Any, name: str) -> bool:
-    """``layer`` is the activation layer ``name`` over the last axis (no other options)."""
-    if not isinstance(layer, Layer) or layer.config.get("activation") != name:
+def ends_with(net: Any, activation: str | None) -> bool:
+    """The net's output is ``activation`` (over the last axis, no options) applied last,
+    found through any combinator or wrapper that passes its output on unchanged
+    (nested serials, mixed precision); not through a residual's sum."""
+    leaf = output_leaf(net)
+    if activation is None or not isinstance(leaf, Layer):
         return False
-    extra = {k: v for k, v in layer.config.items() if k != "activation"}
+    if leaf.config.get("activation") != activation or leaf.composite is not None:
+        return False
+    extra = {k: v for k, v in leaf.config.items() if k != "activation"}
     return extra in ({}, {"axis": -1})
-
-
-def _ends_with(layer: Any, name: str | None) -> bool:
-    """The net's output is activation ``name`` applied last (possibly inside nested serials)."""
-    if name is None:
-        return False
-    if _is_activation(layer, name):
-        return True
-    if isinstance(layer, Layer) and layer.kind == "serial" and layer.children:
-        return _ends_with(layer.children[-1][1], name)
-    return False
-
-
-def _bwd_skipping_last(layer: Any, params: Params, residuals: Any, g: Any) -> tuple[Params, Any]:
-    """Backward pass of a net that ends in the fused activation, starting from δ at its input.
-
-    The last activation's own backward step is skipped: ``g`` already is ∂L/∂z
-    (the loss's fused gradient). Otherwise this is ``serial``'s rule: the
-    children's rules in reverse order.
-    """
-    if layer.kind != "serial":  # the activation itself
-        return {}, g
-    grads = {}
-    children = list(zip(layer.children, residuals))
-    for i, ((name, child), res) in enumerate(reversed(children)):
-        p = params.get(name, empty_params(child))
-        rule = _bwd_skipping_last if i == 0 else layer_bwd
-        pg, g = rule(child, p, res, g)
-        if name in params:
-            grads[name] = pg
-    return {k: grads[k] for k in params}, g
 
 
 def _dtype(x: Any) -> Any:
@@ -95,27 +79,34 @@ def _shape_str(tree: Any) -> str:
     return str(shapes)
 
 
-def _check_params(net: Any, params: Params, inputs: Any) -> None:
-    """``params`` must have the paths and shapes ``net.init`` gives for these inputs."""
-    input_shape = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), inputs)
-    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    expected = jax.eval_shape(lambda k: net[0](k, input_shape)[1], key)
+def _check_tree(what: str, expected: Any, got: Any, where: str) -> None:
     want = {jax.tree_util.keystr(p): tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
     have = {jax.tree_util.keystr(p): tuple(np.shape(x))
-            for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    where = f"the net {label_of(net)} on inputs of shape {_shape_str(inputs)}"
+            for p, x in jax.tree_util.tree_flatten_with_path(got)[0]}
     for path, shape in want.items():
         if path not in have:
-            raise ValueError(f"params{path} is missing: {where} has a parameter there of "
+            raise ValueError(f"{what}{path} is missing: {where} has a {what} entry there of "
                              f"shape {shape}")
         if have[path] != shape:
-            raise ValueError(f"params{path} has shape {have[path]}, but {where} expects "
+            raise ValueError(f"{what}{path} has shape {have[path]}, but {where} expects "
                              f"{shape}")
     for path, shape in have.items():
         if path not in want:
-            raise ValueError(f"params{path} (shape {shape}) is not a parameter of {where}; "
-                             f"its parameters are {sorted(want)}")
+            noun = "parameter" if what == "params" else "state entry"
+            raise ValueError(f"{what}{path} (shape {shape}) is not a {noun} of {where}; its "
+                             f"{what} are {sorted(want)}")
+
+
+def _check_params(net: Any, params: Params, state: Any, inputs: Any) -> None:
+    """``params`` (and ``state``) must have the paths and shapes ``net``'s init gives."""
+    input_shape = jax.tree_util.tree_map(lambda x: tuple(np.shape(x)), inputs)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    want_params, want_state = jax.eval_shape(
+        lambda k: init_with_state(net, k, input_shape)[1:], key)
+    where = f"the net {label_of(net)} on inputs of shape {_shape_str(inputs)}"
+    _check_tree("params", want_params, params, where)
+    _check_tree("state", want_state, state, where)
 
 
 def _check_batch(outputs: Any, inputs: Any, targets: Any) -> None:
@@ -130,8 +121,16 @@ def _check_batch(outputs: Any, inputs: Any, targets: Any) -> None:
                          f"(axis 0) must have the same size")
 
 
+def _cast_like(grads: Params, params: Params) -> Params:
+    """Gradients in exactly their params' dtypes (bfloat16 params get bfloat16 gradients,
+    as from ``jax.grad``), so an optimizer's state keeps its dtypes."""
+    return jax.tree_util.tree_map(
+        lambda g, p: g.astype(p.dtype) if hasattr(p, "dtype") and hasattr(g, "dtype") else g,
+        grads, params)
+
+
 def manual_value_and_grad(net: Any, loss: Loss, *,
-                          autodiff_fallback: bool = False) -> Callable[..., tuple[Array, Params]]:
+                          autodiff_fallback: bool = False) -> Callable[..., tuple[Any, Params]]:
     """Loss and gradients of ``net`` by manual backpropagation.
 
     **Arguments**
@@ -145,47 +144,53 @@ def manual_value_and_grad(net: Any, loss: Loss, *,
     - ``autodiff_fallback``: let layers without a hand-written backward rule
       (a user's own, a stax layer) use ``jax.vjp``. The first call (or trace)
       for each input signature then issues an :class:`AutodiffFallbackWarning`
-      naming them, and ``f.fallback_paths`` lists their paths. Without it such a layer raises
-      :class:`~jaxnet.NoBackwardRuleError` naming its path.
+      naming them, and ``f.fallback_paths`` lists their paths. Without it such a
+      layer raises :class:`~jaxnet.NoBackwardRuleError` naming its path.
 
     **Returns**
 
     ``f(params, inputs, targets, *, rng=None, mode=None) -> (loss_value, grads)``
     equal to ``jax.value_and_grad(lambda p: loss(net.apply(p, inputs, rng=rng,
-    mode=mode), targets))(params)``: ``grads`` has the tree of ``params``.
-    ``rng``/``mode`` go to the layers as they do in ``net.apply`` (the same key
-    gives the same dropout mask). ``f`` works under ``jax.jit`` (make ``mode``
-    static) and ``jax.vmap``.
+    mode=mode), targets))(params)``: ``grads`` has the tree and dtypes of ``params``.
+    For a stateful net (BatchNorm) pass ``state=``: ``f`` then returns
+    ``((loss_value, new_state), grads)``, what ``jax.value_and_grad(..., has_aux=True)``
+    of ``apply_with_state`` returns. ``rng``/``mode`` go to the layers as in
+    ``net.apply`` (the same key gives the same dropout mask). ``f`` works under
+    ``jax.jit`` (make ``mode`` static) and ``jax.vmap``.
+
+    ``f.fused`` tells whether the loss's fused gradient is used: the net's output
+    (through serials and mixed precision) is the activation the loss pairs with.
 
     Bad input raises ``ValueError`` before any computation: params whose paths
     or shapes differ from ``net.init``'s (naming the first such path), targets
     whose batch size (axis 0) differs from the inputs', a loss that does not
     return a scalar.
     """
-    if not (isinstance(net, tuple) and len(net) == 2 and all(map(callable, net))):
+    if not is_layer(net):
         raise TypeError(f"manual_value_and_grad needs a layer, an (init, apply) pair; got {net!r}")
     if not callable(loss):
         raise TypeError(f"manual_value_and_grad needs a loss function, got {loss!r}")
-    fused_with = getattr(loss, "fused_with", None)
-    fused = getattr(loss, "fused_grad", None) is not None and _ends_with(net, fused_with)
+    fused = getattr(loss, "fused_grad", None) is not None and ends_with(
+        net, getattr(loss, "fused_with", None))
     output_grad = getattr(loss, "output_grad", None)
+    stateful = getattr(net, "stateful", False)
     checked: set = set()
 
-    def check(params, inputs, targets, kwargs) -> None:
+    def check(params, state, inputs, targets, kwargs) -> None:
         """Validate once per signature (shapes, dtypes, tree); runs at trace time under jit."""
-        leaves, tree = jax.tree_util.tree_flatten((params, inputs, targets, kwargs))
+        leaves, tree = jax.tree_util.tree_flatten((params, state, inputs, targets, kwargs))
         signature = (tree, tuple((np.shape(x), str(_dtype(x))) if hasattr(x, "shape")
                                  or isinstance(x, (int, float, complex)) else x for x in leaves))
         if signature in checked:
             return
-        _check_params(net, params, inputs)
+        _check_params(net, params, state, inputs)
         found: list[str] = []
-        fb = found if autodiff_fallback else None
+        ctx = Context(fallback=found if autodiff_fallback else None)
         arrays = {k: v for k, v in kwargs.items() if k == "rng"}
         static = {k: v for k, v in kwargs.items() if k != "rng"}
-        abstract = jax.tree_util.tree_map(_struct, (params, inputs, arrays))
+        abstract = jax.tree_util.tree_map(_struct, (params, state, inputs, arrays))
         outputs = jax.eval_shape(
-            lambda p, x, a: layer_fwd(net, p, x, _fallback=fb, **a, **static)[0], *abstract)
+            lambda p, s, x, a: layer_fwd(net, p, x, {**a, **static}, ctx, s)[0], *abstract)
         _check_batch(outputs, inputs, targets)
         value = jax.eval_shape(loss, outputs, jax.tree_util.tree_map(_struct, targets))
         if not (hasattr(value, "shape") and value.shape == ()):
@@ -199,22 +204,27 @@ def manual_value_and_grad(net: Any, loss: Loss, *,
         f.fallback_paths = tuple(found)
         checked.add(signature)
 
-    def f(params: Params, inputs: Any, targets: Any, *, rng: Array | None = None,
-          mode: str | None = None) -> tuple[Array, Params]:
+    def f(params: Params, inputs: Any, targets: Any, *, state: Any = None,
+          rng: Array | None = None, mode: str | None = None) -> tuple[Any, Params]:
+        if stateful and state is None:
+            raise TypeError(f"{label_of(net)} keeps model state: pass state= (from "
+                            f"init_with_state); f then returns ((loss, new_state), grads)")
+        state = {} if state is None else state
         kwargs = {k: v for k, v in (("rng", rng), ("mode", mode)) if v is not None}
-        check(params, inputs, targets, kwargs)
-        fallback: list[str] | None = [] if autodiff_fallback else None
-        outputs, residuals = layer_fwd(net, params, inputs, _fallback=fallback, **kwargs)
+        check(params, state, inputs, targets, kwargs)
+        ctx = Context(fallback=[] if autodiff_fallback else None)
+        outputs, residuals, new_state = layer_fwd(net, params, inputs, kwargs, ctx, state)
+        value = loss(outputs, targets)
         if fused:
-            value = loss(outputs, targets)
-            grads, _ = _bwd_skipping_last(net, params, residuals, loss.fused_grad(outputs, targets))
-            return value, grads
-        if output_grad is not None:
-            value, g = loss(outputs, targets), output_grad(outputs, targets)
+            g = loss.fused_grad(outputs, targets)
+            ctx = ctx._replace(skip_output=True)
+        elif output_grad is not None:
+            g = output_grad(outputs, targets)
         else:
-            value, g = jax.value_and_grad(loss)(outputs, targets)
-        grads, _ = layer_bwd(net, params, residuals, g)
-        return value, grads
+            g = jax.grad(loss)(outputs, targets)
+        grads, _ = layer_bwd(net, params, residuals, g, ctx)
+        grads = _cast_like(grads, params)
+        return ((value, new_state), grads) if stateful else (value, grads)
 
     f.fallback_paths = ()
     f.net, f.loss, f.fused = net, loss, fused

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .combinators import residual, serial
-from .layers import Dense, Layer, Params
-from .precision import mixed_precision
+from .layers import Dense, Params
+from .protocol import Layer
 
 __all__ = ["collapse_linear"]
+
+
+def _is(layer: Any, kind: str) -> bool:
+    return isinstance(layer, Layer) and layer.composite is None and layer.kind == kind
 
 
 def _fuse(run: list[Params]) -> Params:
@@ -28,7 +31,18 @@ def _fuse(run: list[Params]) -> Params:
     return {"w": w, "b": b}
 
 
-def _collapse_children(children, params: Params) -> tuple[list[Any], list[Params]]:
+def _collapse(net: Any, params: Params) -> tuple[Any, Params]:
+    """Collapse inside ``net``: leaves stay as they are; a combinator whose children run in
+    sequence (its ``output_child`` is its last child: serial, residual's body, a wrapper)
+    fuses runs of Dense children, and every combinator collapses inside its children."""
+    if not (isinstance(net, Layer) and net.children):
+        return net, params
+    names = [name for name, _ in net.children]
+    if "" in names:  # a wrapper (mixed precision): params are its child's
+        (_, inner), = net.children
+        new_inner, new_params = _collapse(inner, params)
+        return net.rebuild([new_inner]), new_params
+    sequential = net.output_child == len(net.children) - 1 or net.kind == "residual"
     layers: list[Any] = []
     layer_params: list[Params] = []
     run: list[Params] = []
@@ -40,37 +54,21 @@ def _collapse_children(children, params: Params) -> tuple[list[Any], list[Params
             layer_params.append(fused)
             run.clear()
 
-    for name, child in children:
+    for name, child in net.children:
         p = params.get(name, {})
-        kind = child.kind if isinstance(child, Layer) else None
-        if kind == "dense":
+        if sequential and _is(child, "dense"):
             run.append(p)
             continue
-        if kind == "identity":
+        if sequential and _is(child, "identity"):
             continue
         flush()
-        if kind in _BLOCKS:
-            child, p = _collapse(child, p)
+        child, p = _collapse(child, p)
         layers.append(child)
         layer_params.append(p)
     flush()
     if not layers:  # the whole block was Identity layers
-        layers, layer_params = [children[0][1]], [{}]
-    return layers, layer_params
-
-
-_BLOCKS = ("serial", "residual", "mixed_precision")
-
-
-def _collapse(net: Layer, params: Params) -> tuple[Layer, Params]:
-    if net.kind == "mixed_precision":  # collapse the wrapped net, under the same policy
-        (_, inner), = net.children
-        if not (isinstance(inner, Layer) and inner.kind in _BLOCKS):
-            return net, params
-        new_inner, new_params = _collapse(inner, params)
-        return mixed_precision(new_inner, net.config["policy"]), new_params
-    layers, layer_params = _collapse_children(net.children, params)
-    new = residual(*layers) if net.kind == "residual" else serial(*layers)
+        layers, layer_params = [net.children[0][1]], [{}]
+    new = net.rebuild(layers)
     new_params = {name: p for (name, _), p in zip(new.children, layer_params) if p}
     return new, new_params
 
@@ -79,19 +77,17 @@ def collapse_linear(net: Any, params: Params) -> tuple[Layer, Params]:
     """Fuse runs of Dense layers that have no non-linearity between them.
 
     Arguments:
-      net: a ``serial`` or ``residual`` net, or one wrapped in ``mixed_precision``
-        (the wrapped net is collapsed and rewrapped under the same policy; the fused
-        W*, b* are computed in the params' dtype); a lone Dense is returned as is.
+      net: a jaxnet net (``serial``, ``residual``, ``mixed_precision`` and other
+        combinators, nested); layers other than Dense and Identity stay in place
+        (with their params and state keys); a lone leaf is returned as is.
       params: its parameters, as returned by ``net.init``.
 
     Returns:
       ``(new_net, new_params)`` with ``new_net.apply(new_params, x) ==
       net.apply(params, x)`` up to rounding: each run (W₁, b₁), …, (W_k, b_k)
-      becomes W* = W₁⋯W_k, b* = ((b₁W₂ + b₂)W₃ + …)W_k + b_k.
+      becomes W* = W₁⋯W_k, b* = ((b₁W₂ + b₂)W₃ + …)W_k + b_k. Model state (of a
+      BatchNorm) is unchanged where its layer keeps its name; a named layer keeps it.
     """
-    if not isinstance(net, Layer) or net.kind not in _BLOCKS:
-        if isinstance(net, Layer) and net.kind == "dense":
-            return net, params
-        raise TypeError("collapse_linear needs a serial, residual or mixed_precision jaxnet "
-                        f"net, got {net!r}")
+    if not isinstance(net, Layer):
+        raise TypeError(f"collapse_linear needs a jaxnet net, got {net!r}")
     return _collapse(net, params)

@@ -1,29 +1,16 @@
-"""Layers: pairs of pure functions ``(init, apply)`` in stax's calling convention.
+"""Layers: jaxnet's leaf layers, each a :class:`~jaxnet.Layer` with its backward rule.
 
-A layer unpacks as ``init_fun, apply_fun = layer``:
-
-- ``init_fun(rng, input_shape) -> (output_shape, params)``; shapes include the
-  batch axis first (it may be ``-1``);
-- ``apply_fun(params, inputs, **kwargs) -> outputs``; ``rng=`` and ``mode=``
-  are the keyword arguments jaxnet's layers read.
-
-A jaxnet :class:`Layer` is such a pair (a ``tuple`` of length two, so it works
-inside ``jax.example_libraries.stax.serial``) that also carries its hand-written
-backward rule, next to its forward formula:
-
-- ``fwd(params, inputs, **kwargs) -> (outputs, residuals)`` runs the layer and
-  keeps only what its backward formula needs;
-- ``bwd(params, residuals, g) -> (param_grads, input_grad)`` maps the gradient
-  ``g = ∂L/∂outputs`` to ``∂L/∂params`` (same tree as ``params``) and
-  ``∂L/∂inputs``.
-
-Parameters are plain dicts of arrays; parameter-free layers have ``{}``.
+The contract every layer keeps (init, apply, fwd/bwd, state, names) is in
+:mod:`jaxnet.protocol`. Each layer here states its forward formula and, next to it,
+its hand-written backward rule ``bwd(params, residuals, g) -> (∂L/∂params, ∂L/∂inputs)``
+with g = ∂L/∂outputs. Every constructor takes ``name=``, the layer's parameter key
+inside a combinator (default: its kind and count, ``dense_0``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,6 +18,18 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from . import activations as acts
+from .protocol import (
+    Layer,
+    NoBackwardRuleError,
+    ShapeError,
+    StatefulLayerError,
+    expect_params,
+    label_of,
+    layer_bwd,
+    layer_fwd,
+    recorded,
+    singleton,
+)
 
 Array = jax.Array
 Shape = tuple[int, ...]
@@ -41,6 +40,7 @@ __all__ = [
     "Layer",
     "ShapeError",
     "NoBackwardRuleError",
+    "StatefulLayerError",
     "Dense",
     "elementwise",
     "Activation",
@@ -58,122 +58,10 @@ __all__ = [
     "Flatten",
     "Dropout",
     "LayerNorm",
+    "label_of",
     "layer_fwd",
     "layer_bwd",
 ]
-
-
-class ShapeError(ValueError):
-    """A shape that does not fit a layer. The message names the layer (its path
-    inside the net, e.g. ``serial/dense_1``) and both shapes."""
-
-    def __init__(self, message: str, path: tuple[str, ...] = ()):
-        self.message, self.path = message, path
-        super().__init__(self.__str__())
-
-    def __str__(self) -> str:
-        return f"{'/'.join(self.path)}: {self.message}" if self.path else self.message
-
-    def within(self, name: str) -> ShapeError:
-        return ShapeError(self.message, (name,) + self.path)
-
-
-class NoBackwardRuleError(TypeError):
-    """A layer without a hand-written backward rule met the manual backward pass."""
-
-
-class Layer(tuple):
-    """A layer: the pair ``(init, apply)`` plus jaxnet's metadata.
-
-    Attributes:
-      init, apply: the two stax functions (also ``layer[0]``, ``layer[1]``).
-      kind: short snake-case name used for parameter keys (``"dense"``).
-      label: readable name for tables and errors (``"Dense(10)"``).
-      fwd, bwd: the hand-written backward rule (module docstring); ``None``
-        when the layer has none.
-      children: ``((name, layer), ...)`` for combinators, ``()`` for leaves.
-      config: the constructor's arguments (``{"out_dim": 10}``).
-    """
-
-    kind: str
-    label: str
-    fwd: Callable | None
-    bwd: Callable | None
-    children: tuple[tuple[str, Layer], ...]
-    config: dict
-
-    def __new__(cls, init: Callable, apply: Callable, *, kind: str, label: str | None = None,
-                fwd: Callable | None = None, bwd: Callable | None = None,
-                children: Sequence[tuple[str, Any]] = (), config: dict | None = None):
-        self = super().__new__(cls, (init, apply))
-        self.kind, self.label = kind, label or kind
-        self.fwd, self.bwd = fwd, bwd
-        self.children, self.config = tuple(children), dict(config or {})
-        return self
-
-    @property
-    def init(self) -> Callable:
-        return self[0]
-
-    @property
-    def apply(self) -> Callable:
-        return self[1]
-
-    def __repr__(self) -> str:
-        return f"<Layer {self.label}>"
-
-    # tuple's equality and hash compare contents (the closures): keep identity.
-    __eq__ = object.__eq__
-    __hash__ = object.__hash__
-
-
-def label_of(layer: Any) -> str:
-    """Readable name of any layer, jaxnet's or a foreign stax pair."""
-    if isinstance(layer, Layer):
-        return layer.label
-    fn = layer[1]
-    return getattr(fn, "__qualname__", getattr(fn, "__name__", type(fn).__name__))
-
-
-def empty_params(layer: Any) -> Params:
-    """Parameters of a parameter-free layer: ``{}`` for jaxnet's, ``()`` for stax's."""
-    return {} if isinstance(layer, Layer) else ()
-
-
-def _strip(kwargs: dict) -> dict:
-    """The keyword arguments a plain ``apply`` sees (without jaxnet's internal ones)."""
-    return {k: v for k, v in kwargs.items() if not k.startswith("_")}
-
-
-def layer_fwd(layer: Any, params: Params, inputs: Any, **kwargs) -> tuple[Any, Any]:
-    """Run ``layer``'s forward pass keeping its residuals for :func:`layer_bwd`.
-
-    A layer without a backward rule raises :class:`NoBackwardRuleError`, unless
-    ``_fallback`` is a list: then ``jax.vjp`` stands in for the rule and the
-    layer's path is appended to that list so the caller can report it.
-    """
-    path = kwargs.get("_path", "")
-    fwd = getattr(layer, "fwd", None)
-    if fwd is not None:
-        return fwd(params, inputs, **kwargs)
-    fallback = kwargs.get("_fallback")
-    if fallback is None:
-        raise NoBackwardRuleError(
-            f"{path or 'net'}: layer {label_of(layer)} has no hand-written backward rule; "
-            "give it fwd/bwd (jaxnet.Layer) or opt in to the autodiff fallback "
-            "(manual_value_and_grad(..., autodiff_fallback=True))")
-    fallback.append(path or label_of(layer))
-    plain = _strip(kwargs)
-    outputs, vjp = jax.vjp(lambda p, x: layer[1](p, x, **plain), params, inputs)
-    return outputs, vjp
-
-
-def layer_bwd(layer: Any, params: Params, residuals: Any, g: Any) -> tuple[Params, Any]:
-    """Backward rule of ``layer`` (or the ``jax.vjp`` fallback that :func:`layer_fwd` chose)."""
-    bwd = getattr(layer, "bwd", None)
-    if bwd is not None:
-        return bwd(params, residuals, g)
-    return residuals(g)
 
 
 # --- Dense -----------------------------------------------------------------
@@ -226,13 +114,15 @@ def _dense_matmul_jvp(primals, tangents):
 dense_matmul.defjvp(_dense_matmul_jvp, symbolic_zeros=True)
 
 
-def Dense(out_dim: int, W_init: Initializer = initializers.glorot_normal(),
-          b_init: Initializer = initializers.zeros, dtype: Any = None) -> Layer:
+@recorded
+def Dense(out_dim: int, W_init: Initializer | None = None, b_init: Initializer | None = None,
+          dtype: Any = None, name: str | None = None) -> Layer:
     """Fully connected layer: y = x·W + b.
 
     Shapes: x (..., n_in) → y (..., out_dim); params ``{"w": (n_in, out_dim),
     "b": (out_dim,)}``. Initialisers come from ``jax.nn.initializers``
-    (Glorot normal weights, zero bias by default).
+    (Glorot normal weights, zero bias by default). apply checks the params against
+    the layer's own width: params of another net are an error naming both shapes.
 
     Backward rule: ∂L/∂wᵢⱼ = Σ xᵢ δⱼ (summed over the batch), ∂L/∂bⱼ = Σ δⱼ,
     ∂L/∂xᵢ = Σⱼ wᵢⱼ δⱼ, with δ = ∂L/∂y.
@@ -240,6 +130,8 @@ def Dense(out_dim: int, W_init: Initializer = initializers.glorot_normal(),
     if not isinstance(out_dim, int) or isinstance(out_dim, bool) or out_dim <= 0:
         raise ValueError(f"Dense width must be a positive integer, got {out_dim!r}")
     label = f"Dense({out_dim})"
+    W_init = initializers.glorot_normal() if W_init is None else W_init
+    b_init = initializers.zeros if b_init is None else b_init
 
     def init(rng, input_shape):
         if len(input_shape) < 1 or input_shape[-1] is None or input_shape[-1] <= 0:
@@ -251,12 +143,17 @@ def Dense(out_dim: int, W_init: Initializer = initializers.glorot_normal(),
         b = b_init(k2, (out_dim,), **kw)
         return tuple(input_shape[:-1]) + (out_dim,), {"w": w, "b": b}
 
-    def apply(params, inputs, **kwargs):
-        w, b = params["w"], params["b"]
-        if inputs.ndim < 1 or inputs.shape[-1] != w.shape[0]:
+    def check(params, inputs):
+        w = params.get("w") if isinstance(params, dict) else None
+        if getattr(w, "ndim", 0) == 2 and (inputs.ndim < 1 or inputs.shape[-1] != w.shape[0]):
             raise ShapeError(f"{label} expects inputs of shape (..., {w.shape[0]}), "
                              f"got {tuple(inputs.shape)}")
-        return dense_matmul(inputs, w) + b
+        n_in = inputs.shape[-1] if inputs.ndim else 0
+        expect_params(label, params, {"w": (n_in, out_dim), "b": (out_dim,)})
+
+    def apply(params, inputs, **kwargs):
+        check(params, inputs)
+        return dense_matmul(inputs, params["w"]) + params["b"]
 
     def fwd(params, inputs, **kwargs):
         return apply(params, inputs), inputs
@@ -268,7 +165,7 @@ def Dense(out_dim: int, W_init: Initializer = initializers.glorot_normal(),
                  "b": jnp.sum(g2, axis=0)}
         return grads, g @ params["w"].T
 
-    return Layer(init, apply, kind="dense", label=label, fwd=fwd, bwd=bwd,
+    return Layer(init, apply, fwd, bwd, kind="dense", label=label, name=name,
                  config={"out_dim": out_dim})
 
 
@@ -278,7 +175,9 @@ def _shape_preserving_init(rng, input_shape):
     return tuple(input_shape), {}
 
 
-def elementwise(fn: Callable | str, derivative: Callable | None = None, **fn_kwargs) -> Layer:
+@recorded
+def elementwise(fn: Callable | str, derivative: Callable | None = None, *,
+                name: str | None = None, **fn_kwargs) -> Layer:
     """A parameter-free layer applying an activation: y = f(x).
 
     ``fn`` is a registered activation's name (``"relu"``) or a function. With
@@ -291,12 +190,12 @@ def elementwise(fn: Callable | str, derivative: Callable | None = None, **fn_kwa
     """
     if isinstance(fn, str):
         record = acts.get(fn)
-        name, f, label = record.name, record.fn, _CAMEL.get(record.name, record.name)
+        kind, f, label = record.name, record.fn, _CAMEL.get(record.name, record.name)
         derivative, out_derivative = record.derivative, record.output_derivative
         vector = not record.elementwise
     else:
-        name, f = getattr(fn, "__name__", "activation"), fn
-        label, out_derivative, vector = name, None, False
+        kind, f = getattr(fn, "__name__", "activation"), fn
+        label, out_derivative, vector = kind, None, False
     if fn_kwargs:
         label += "(" + ", ".join(f"{k}={v!r}" for k, v in fn_kwargs.items()) + ")"
 
@@ -320,8 +219,8 @@ def elementwise(fn: Callable | str, derivative: Callable | None = None, **fn_kwa
         def bwd(params, x, g):
             return {}, g * derivative(x, **fn_kwargs)
 
-    return Layer(_shape_preserving_init, apply, kind=name, label=label, fwd=fwd, bwd=bwd,
-                 config={"activation": name, **fn_kwargs})
+    return Layer(_shape_preserving_init, apply, fwd, bwd, kind=kind, label=label, name=name,
+                 config={"activation": kind, **fn_kwargs})
 
 
 _CAMEL = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "leaky_relu": "LeakyRelu",
@@ -329,22 +228,26 @@ _CAMEL = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "leaky_relu": "L
           "identity": "Identity", "softmax": "Softmax", "log_softmax": "LogSoftmax"}
 
 
-def Activation(name: str, **kwargs) -> Layer:
+def Activation(activation: str, **kwargs) -> Layer:
     """Activation layer by name, e.g. ``Activation("leaky_relu", negative_slope=0.2)``."""
-    return elementwise(name, **kwargs)
+    return elementwise(activation, **kwargs)
 
 
-Sigmoid = elementwise("sigmoid")
-Tanh = elementwise("tanh")
-Relu = elementwise("relu")
-LeakyRelu = elementwise("leaky_relu")
-Elu = elementwise("elu")
-Gelu = elementwise("gelu")
-Softplus = elementwise("softplus")
-Silu = elementwise("silu")
-Identity = elementwise("identity")
-Softmax = elementwise("softmax")
-LogSoftmax = elementwise("log_softmax")
+def _activation_singleton(activation: str, constant: str) -> Layer:
+    return singleton(elementwise(activation), __name__, constant)
+
+
+Sigmoid = _activation_singleton("sigmoid", "Sigmoid")
+Tanh = _activation_singleton("tanh", "Tanh")
+Relu = _activation_singleton("relu", "Relu")
+LeakyRelu = _activation_singleton("leaky_relu", "LeakyRelu")
+Elu = _activation_singleton("elu", "Elu")
+Gelu = _activation_singleton("gelu", "Gelu")
+Softplus = _activation_singleton("softplus", "Softplus")
+Silu = _activation_singleton("silu", "Silu")
+Identity = _activation_singleton("identity", "Identity")
+Softmax = _activation_singleton("softmax", "Softmax")
+LogSoftmax = _activation_singleton("log_softmax", "LogSoftmax")
 
 
 # --- Flatten ---------------------------------------------------------------
@@ -370,14 +273,15 @@ def _flatten_bwd(params, shape, g):
     return {}, g.reshape(shape)
 
 
-Flatten = Layer(_flatten_init, _flatten_apply, kind="flatten", label="Flatten",
-                fwd=_flatten_fwd, bwd=_flatten_bwd)
-Flatten.__doc__ = "Flatten every axis but the first: (n, d₁, …, d_k) → (n, d₁·…·d_k)."
+Flatten = singleton(Layer(_flatten_init, _flatten_apply, _flatten_fwd, _flatten_bwd,
+                          kind="flatten", label="Flatten"), __name__, "Flatten")
+# Flatten every axis but the first: (n, d₁, …, d_k) → (n, d₁·…·d_k); backward: reshape back.
 
 
 # --- Dropout ---------------------------------------------------------------
 
-def Dropout(rate: float, mode: str = "train") -> Layer:
+@recorded
+def Dropout(rate: float, mode: str = "train", name: str | None = None) -> Layer:
     """Inverted dropout: each unit is dropped with probability ``rate``.
 
     y = x·m / (1 − rate) with m ~ Bernoulli(1 − rate), so E[y] = x.
@@ -420,14 +324,15 @@ def Dropout(rate: float, mode: str = "train") -> Layer:
     def bwd(params, m, g):
         return {}, g if m is None else g * m
 
-    return Layer(_shape_preserving_init, apply, kind="dropout", label=f"Dropout({rate})",
-                 fwd=fwd, bwd=bwd, config={"rate": rate, "mode": mode})
+    return Layer(_shape_preserving_init, apply, fwd, bwd, kind="dropout",
+                 label=f"Dropout({rate})", name=name, config={"rate": rate, "mode": mode})
 
 
 # --- LayerNorm -------------------------------------------------------------
 
+@recorded
 def LayerNorm(epsilon: float = 1e-5, scale_init: Initializer = initializers.ones,
-              bias_init: Initializer = initializers.zeros) -> Layer:
+              bias_init: Initializer = initializers.zeros, name: str | None = None) -> Layer:
     """Layer normalisation over the last axis.
 
     x̂ = (x − μ) / √(σ² + ε) with μ, σ² the mean and variance of the last axis;
@@ -448,9 +353,12 @@ def LayerNorm(epsilon: float = 1e-5, scale_init: Initializer = initializers.ones
         return tuple(input_shape), {"scale": scale_init(k1, (d,)), "bias": bias_init(k2, (d,))}
 
     def normalise(params, x):
-        if x.ndim < 1 or x.shape[-1] != params["scale"].shape[0]:
-            d = params["scale"].shape[0]
+        scale = params.get("scale") if isinstance(params, dict) else None
+        if getattr(scale, "ndim", 0) == 1 and (x.ndim < 1 or x.shape[-1] != scale.shape[0]):
+            d = scale.shape[0]
             raise ShapeError(f"LayerNorm expects inputs of shape (..., {d}), got {tuple(x.shape)}")
+        d = x.shape[-1] if x.ndim else 0
+        expect_params("LayerNorm", params, {"scale": (d,), "bias": (d,)})
         mean = jnp.mean(x, -1, keepdims=True)
         var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
         s = jax.lax.rsqrt(var + epsilon)
@@ -474,5 +382,5 @@ def LayerNorm(epsilon: float = 1e-5, scale_init: Initializer = initializers.ones
                  "bias": jnp.sum(g.reshape(-1, d), 0)}
         return grads, dx
 
-    return Layer(init, apply, kind="layer_norm", label="LayerNorm", fwd=fwd, bwd=bwd,
+    return Layer(init, apply, fwd, bwd, kind="layer_norm", label="LayerNorm", name=name,
                  config={"epsilon": epsilon})

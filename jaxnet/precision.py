@@ -27,7 +27,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .layers import Layer, label_of, layer_bwd, layer_fwd
+from .protocol import (
+    Composite,
+    Layer,
+    apply_with_state,
+    init_with_state,
+    is_layer,
+    label_of,
+    layer_bwd,
+    layer_fwd,
+    recorded,
+)
 
 __all__ = ["Policy", "get_policy", "cast_floating", "mixed_precision", "DynamicLossScale",
            "all_finite", "loss_scaled_value_and_grad"]
@@ -88,6 +98,7 @@ def cast_floating(tree, dtype: DTypeLike):
     return jax.tree.map(cast, tree)
 
 
+@recorded
 def mixed_precision(layer: Any, policy: str | Policy = "bfloat16") -> Layer:
     """Run ``layer`` under a precision policy.
 
@@ -95,36 +106,51 @@ def mixed_precision(layer: Any, policy: str | Policy = "bfloat16") -> Layer:
     to ``compute_dtype``, the layer runs, its outputs are cast to ``output_dtype``. The
     hand-written backward rule follows the same casts in reverse: g → ``compute_dtype``,
     the layer's ``bwd``, param gradients → ``param_dtype``, the input gradient → the inputs'
-    dtype. ``jax.grad`` through apply gives the same casts automatically.
+    dtype. ``jax.grad`` through apply gives the same casts automatically. Model state keeps
+    its own dtypes (running statistics stay float32). The wrapper adds no level to the
+    params (its one child has the empty name) and its output is its child's output, so the
+    manual pass finds a fused loss gradient through it.
     """
+    from .combinators import _Children, composite
+
+    if not is_layer(layer):
+        raise TypeError(f"mixed_precision needs a layer, got {layer!r}")
     pol = get_policy(policy)
+    ch = _Children([layer], "mixed_precision")
+    ch.names = [""]
+
+    def keep_dtypes(new, old):
+        return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
 
     def init(rng, input_shape):
-        out_shape, params = layer[0](rng, input_shape)
-        return out_shape, pol.cast_to_param(params)
+        out_shape, params, state = init_with_state(layer, rng, input_shape)
+        return out_shape, pol.cast_to_param(params), state
 
-    def apply(params, inputs, **kwargs):
-        out = layer[1](pol.cast_to_compute(params), pol.cast_to_compute(inputs), **kwargs)
-        return pol.cast_to_output(out)
+    def apply(params, state, inputs, kwargs):
+        out, new_state = apply_with_state(layer, pol.cast_to_compute(params), state,
+                                          pol.cast_to_compute(inputs), kwargs)
+        return pol.cast_to_output(out), keep_dtypes(new_state, state)
 
-    def fwd(params, inputs, **kwargs):
+    def forward(params, state, inputs, kwargs, ctx):
         in_dtypes = jax.tree.map(lambda x: getattr(x, "dtype", None), inputs)
-        out, res = layer_fwd(layer, pol.cast_to_compute(params), pol.cast_to_compute(inputs),
-                             **kwargs)
-        return pol.cast_to_output(out), (res, in_dtypes)
+        out, res, new_state = layer_fwd(layer, pol.cast_to_compute(params),
+                                        pol.cast_to_compute(inputs), kwargs,
+                                        ctx.child("", is_output=True), state)
+        return pol.cast_to_output(out), (res, in_dtypes), keep_dtypes(new_state, state)
 
-    def bwd(params, residuals, g):
+    def backward(params, residuals, g, ctx):
         res, in_dtypes = residuals
-        grads, gx = layer_bwd(layer, pol.cast_to_compute(params), res, pol.cast_to_compute(g))
-        gx = jax.tree.map(lambda x, dt: x if dt is None else x.astype(dt), gx, in_dtypes)
-        return pol.cast_to_param(grads), gx
+        grads, gx = layer_bwd(layer, pol.cast_to_compute(params), res, pol.cast_to_compute(g),
+                              ctx.child("", is_output=True))
+        if gx is not None:  # integer inputs (an embedding) have no gradient
+            gx = jax.tree.map(lambda x, dt: x if dt is None else x.astype(dt), gx, in_dtypes)
+        return keep_dtypes(grads, params), gx
 
     name = jnp.dtype(pol.compute_dtype).name
-    # Its own kind (not the wrapped layer's): code that walks a serial's children (summary,
-    # the fused loss pairs of the manual pass) must not mistake the wrapper for the serial.
-    return Layer(init, apply, kind="mixed_precision",
-                 label=f"mixed_precision({label_of(layer)}, {name})", fwd=fwd, bwd=bwd,
-                 children=(("", layer),), config={"policy": pol})
+    return composite("mixed_precision", f"mixed_precision({label_of(layer)}, {name})", ch,
+                     Composite(init, apply, forward, backward),
+                     rebuild=lambda new: mixed_precision(new[0], pol), output_child=0,
+                     config={"policy": pol})
 
 
 # --- dynamic loss scaling -----------------------------------------------------------

@@ -9,17 +9,26 @@ such layer's linear combination, so
 - depth = (number of Dense layers) − 1, the last Dense being the output layer;
 - width = the largest ``out_dim`` among the Dense layers (the input is not
   counted: its size is the data's, not a hyperparameter).
+
+A convolution is a linear combination too (of a window, per output channel): its
+width is its number of output channels (``out_chan``), and it counts as a layer for
+the depth as a Dense does. Attention's width is its output width.
+
+The walk uses only the layers' structure (``children``, ``rebuild``): each leaf is
+rebuilt with an ``init`` that records its output shape, and the net's
+``init_with_state`` runs under ``jax.eval_shape`` (nothing is allocated).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import jax
 
-from .layers import Layer, label_of
+from .protocol import Layer, init_with_state, label_of
 
 __all__ = ["LayerInfo", "Summary", "summary"]
 
@@ -27,13 +36,15 @@ __all__ = ["LayerInfo", "Summary", "summary"]
 @dataclass(frozen=True)
 class LayerInfo:
     """One leaf layer: its path in the params tree, its label, output shape,
-    parameter count and width (units, for Dense layers; ``None`` otherwise)."""
+    parameter count, width (units of a Dense layer, channels of a convolution;
+    ``None`` otherwise) and the number of model-state values it keeps."""
 
     path: str
     label: str
     output_shape: Any
     param_count: int
     width: int | None
+    state_count: int = 0
 
 
 @dataclass(frozen=True)
@@ -63,16 +74,26 @@ class Summary:
     def param_count(self) -> int:
         return sum(info.param_count for info in self.layers)
 
+    @property
+    def state_count(self) -> int:
+        """Model-state values (BatchNorm's running statistics); 0 for a stateless net."""
+        return sum(info.state_count for info in self.layers)
+
     def __str__(self) -> str:
-        rows = [("layer", "kind", "output shape", "params")]
-        rows += [(i.path, i.label, str(i.output_shape), f"{i.param_count:,}") for i in self.layers]
-        cols = [max(len(r[c]) for r in rows) for c in range(4)]
+        head = ("layer", "kind", "output shape", "params")
+        stateful = self.state_count > 0
+        rows = [head + (("state",) if stateful else ())]
+        rows += [(i.path, i.label, str(i.output_shape), f"{i.param_count:,}")
+                 + ((f"{i.state_count:,}",) if stateful else ()) for i in self.layers]
+        n = len(rows[0])
+        cols = [max(len(r[c]) for r in rows) for c in range(n)]
         line = "  ".join("-" * w for w in cols)
-        fmt = [r[0].ljust(cols[0]) + "  " + r[1].ljust(cols[1]) + "  " + r[2].ljust(cols[2])
-               + "  " + r[3].rjust(cols[3]) for r in rows]
+        fmt = ["  ".join(r[c].ljust(cols[c]) if c < 3 else r[c].rjust(cols[c])
+                         for c in range(n)) for r in rows]
         footer = (f"input {self.input_shape} -> output {self.output_shape}; "
                   f"depth {self.depth} (hidden layers), width {self.width} (widest layer), "
-                  f"{self.param_count:,} parameters")
+                  f"{self.param_count:,} parameters"
+                  + (f", {self.state_count:,} state values" if stateful else ""))
         return "\n".join([fmt[0], line, *fmt[1:], line, footer])
 
 
@@ -80,35 +101,32 @@ def _count(params) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
-def _leaf(layer, shape, path, rng, rows):
-    captured = {}
-
-    def init(key):
-        captured["shape"], params = layer[0](key, shape)
-        return params
-
-    params = jax.eval_shape(init, rng)
-    out = captured["shape"]
-    width = layer.config["out_dim"] if isinstance(layer, Layer) and layer.kind == "dense" else None
-    rows.append(LayerInfo(path, label_of(layer), out, _count(params), width))
-    return out
+def _width(layer: Any) -> int | None:
+    if not isinstance(layer, Layer):
+        return None
+    for key in ("out_dim", "out_chan"):
+        if key in layer.config and layer.kind in ("dense", "conv", "conv_transpose"):
+            return layer.config[key]
+    return None
 
 
-def _walk(layer, shape, path, rng, rows):
-    kind = layer.kind if isinstance(layer, Layer) else None
-    if kind == "mixed_precision":  # a wrapper: the same params and shapes as what it wraps
-        return _walk(layer.children[0][1], shape, path, rng, rows)
-    if kind not in ("serial", "residual", "parallel"):
-        return _leaf(layer, shape, path or label_of(layer), rng, rows)
-    keys = jax.random.split(rng, len(layer.children))
-    prefix = f"{path}/" if path else ""
-    if kind == "parallel":
-        return tuple(_walk(child, s, prefix + name, k, rows)
-                     for (name, child), s, k in zip(layer.children, shape, keys))
-    out = shape
-    for (name, child), k in zip(layer.children, keys):
-        out = _walk(child, out, prefix + name, k, rows)
-    return tuple(shape) if kind == "residual" else out
+def _recording(layer: Any, path: str, rows: list) -> Any:
+    """``layer`` rebuilt so that its init (under eval_shape) appends its :class:`LayerInfo`."""
+    if isinstance(layer, Layer) and layer.children:
+        prefix = f"{path}/" if path else ""
+        new = [_recording(child, prefix + name if name else path, rows)
+               for name, child in layer.children]
+        return layer.rebuild(new)
+
+    def init(rng, input_shape):
+        out, params, state = init_with_state(layer, rng, input_shape)
+        rows.append(LayerInfo(path or label_of(layer), label_of(layer), out, _count(params),
+                              _width(layer), _count(state)))
+        return out, params
+
+    if isinstance(layer, Layer):
+        return dataclasses.replace(layer, init=init, recipe=None)
+    return Layer(init, layer[1], kind="layer", label=label_of(layer))
 
 
 def summary(net: Any, input_shape: tuple) -> Summary:
@@ -122,5 +140,8 @@ def summary(net: Any, input_shape: tuple) -> Summary:
     (2, 50, 42310)
     """
     rows: list[LayerInfo] = []
-    out = _walk(net, tuple(input_shape), "", jax.random.key(0), rows)
-    return Summary(tuple(input_shape), out, tuple(rows))
+    recording = _recording(net, "", rows)
+    shapes = []
+    jax.eval_shape(lambda k: shapes.append(init_with_state(recording, k, tuple(input_shape))[0]),
+                   jax.random.key(0))
+    return Summary(tuple(input_shape), shapes[0], tuple(rows))

@@ -285,7 +285,7 @@ def test_vmap_over_unbatched_examples_under_jit():
 def test_dropout_same_key_same_mask_in_both_paths():
     net, params, inputs, targets = small_problem()
     key = jax.random.key(7)
-    outputs, _ = layer_fwd(net, params, inputs, rng=key)
+    outputs, _, _ = layer_fwd(net, params, inputs, {"rng": key})
     np.testing.assert_array_equal(outputs, net.apply(params, inputs, rng=key))
     f = fast_jit(manual_value_and_grad(net, jn.cross_entropy))
     value, grads = f(params, inputs, targets, rng=key)

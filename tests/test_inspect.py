@@ -104,8 +104,11 @@ def test_collapse_inside_mixed_precision_keeps_the_policy():
 
 
 def test_collapse_needs_a_jaxnet_net():
-    with pytest.raises(TypeError, match="serial, residual or mixed_precision"):
-        collapse_linear(Relu, {})
+    from jax.example_libraries import stax
+
+    with pytest.raises(TypeError, match="needs a jaxnet net"):
+        collapse_linear(stax.Relu, ())
+    assert collapse_linear(Relu, {}) == (Relu, {})  # a lone leaf: nothing to fuse
 
 
 # --- check_activation ------------------------------------------------------------

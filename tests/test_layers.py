@@ -240,7 +240,8 @@ def test_nested_error_path():
 def test_fan_in_mismatch_names_both_shapes():
     net = serial(FanOut(2), parallel(Dense(2), Dense(3)), FanInSum)
     with pytest.raises(jaxnet.ShapeError, match=r"fan_in_sum_0: FanInSum got inputs of "
-                                                r"mismatched shapes \(-1, 2\) and \(-1, 3\)"):
+                                                r"shapes \(-1, 2\), \(-1, 3\) that do not "
+                                                r"broadcast"):
         net.init(KEY, (-1, 4))
     with pytest.raises(jaxnet.ShapeError, match="mismatched shapes"):
         serial(FanOut(2), parallel(Dense(2), Flatten), FanInConcat(0)).init(KEY, (-1, 4, 4))
