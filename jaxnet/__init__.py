@@ -20,10 +20,13 @@ from .activations import (
     softplus,
     tanh,
 )
+from .attention import MultiHeadAttention, TransformerBlock
 from .backprop import AutodiffFallbackWarning, manual_value_and_grad
 from .checks import ActivationCheckError, ActivationReport, check_activation
 from .collapse import collapse_linear
 from .combinators import FanInConcat, FanInSum, FanOut, mlp, parallel, residual, serial
+from .conv import Conv, Conv1D, Conv2D, ConvTranspose
+from .embedding import Embedding, PositionalEmbedding
 from .layers import (
     Activation,
     Dense,
@@ -48,6 +51,8 @@ from .layers import (
     elementwise,
 )
 from .losses import accuracy, cross_entropy, l2_loss, softmax_cross_entropy
+from .norms import GroupNorm, RMSNorm
+from .pooling import AvgPool, GlobalAvgPool, MaxPool, SumPool
 from .precision import Policy, mixed_precision
 from .summary import Summary, summary
 from .train import TrainState, fit, init_state, make_epoch, make_eval_step, make_train_step
@@ -63,6 +68,9 @@ __all__ = [
     "Activation",
     "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Elu", "Gelu", "Softplus", "Silu", "Identity",
     "Softmax", "LogSoftmax", "Flatten", "Dropout", "LayerNorm",
+    "Conv", "Conv1D", "Conv2D", "ConvTranspose", "MaxPool", "AvgPool", "SumPool", "GlobalAvgPool",
+    "GroupNorm", "RMSNorm", "Embedding", "PositionalEmbedding", "MultiHeadAttention",
+    "TransformerBlock",
     # combinators
     "serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "residual", "mlp",
     # inspection

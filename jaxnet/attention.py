@@ -21,6 +21,7 @@ and the projections' rules (as Dense's) map ∂L/∂q, ∂L/∂k, ∂L/∂v to t
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -31,6 +32,7 @@ from jax.nn import initializers
 from .activations import softmax_jvp
 from .combinators import residual, serial
 from .layers import Dense, Gelu, Initializer, Layer, LayerNorm, ShapeError
+from .protocol import recorded
 
 Array = jax.Array
 
@@ -175,6 +177,7 @@ def _is_shape_pair(shape: Any) -> bool:
         isinstance(s, (tuple, list)) for s in shape)
 
 
+@recorded
 def MultiHeadAttention(num_heads: int, head_dim: int | None = None, out_dim: int | None = None,
                        backward: str = "store", block_size: int = 128,
                        W_init: Initializer = initializers.lecun_normal(),
@@ -235,7 +238,6 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None, out_dim: int
         if not (isinstance(name, str) and name.isidentifier() and name == name.lower()):
             raise ValueError(f"{label}: name must be a snake_case identifier (it keys the "
                              f"params), got {name!r}")
-        kind, label = name, f"{name}: {label}"
 
     def check_rank(what, shape):
         if len(shape) != 3:
@@ -323,13 +325,14 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None, out_dim: int
         grads = {p: grads[p] for p in params}
         return grads, ((dx, dc) if cross else dx + dc)
 
-    return Layer(init, apply, kind=kind, label=label, fwd=fwd, bwd=bwd,
+    return Layer(init, apply, kind=kind, label=label, fwd=fwd, bwd=bwd, name=name,
                  config={"num_heads": num_heads, "head_dim": head_dim, "out_dim": out_dim,
                          "backward": backward, "block_size": block_size})
 
 
 # --- the transformer block -----------------------------------------------------------
 
+@recorded
 def TransformerBlock(num_heads: int, head_dim: int | None, mlp_dim: int, dim: int | None = None,
                      backward: str = "store", block_size: int = 128,
                      epsilon: float = 1e-5) -> Layer:
@@ -366,11 +369,12 @@ def TransformerBlock(num_heads: int, head_dim: int | None, mlp_dim: int, dim: in
         if len(input_shape) != 3 or input_shape[-1] != dim:
             raise ShapeError(f"{label} expects inputs of shape (B, T, {dim}), got "
                              f"{tuple(input_shape)}")
-        return body.init(rng, input_shape)
+        return body.composite.init(rng, input_shape)
 
-    return Layer(init, body.apply, kind="transformer_block", label=label, fwd=body.fwd,
-                 bwd=body.bwd, children=body.children,
-                 config={"num_heads": num_heads, "head_dim": head_dim, "mlp_dim": mlp_dim,
-                         "dim": dim, "backward": backward, "block_size": block_size,
-                         "epsilon": epsilon})
+    # the serial itself (its structure, state and backward rule), under its own kind and label
+    return dataclasses.replace(
+        body, init=lambda rng, shape: init(rng, shape)[:2],
+        composite=body.composite._replace(init=init), kind="transformer_block", label=label,
+        config={"num_heads": num_heads, "head_dim": head_dim, "mlp_dim": mlp_dim, "dim": dim,
+                "backward": backward, "block_size": block_size, "epsilon": epsilon})
 

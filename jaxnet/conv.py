@@ -41,6 +41,7 @@ from jax import lax
 from jax.nn import initializers
 
 from .layers import Initializer, Layer, ShapeError
+from .protocol import recorded
 
 Array = jax.Array
 Padding = str | Sequence[tuple[int, int]]
@@ -147,7 +148,7 @@ def _kind_and_label(name: str | None, kind: str, label: str) -> tuple[str, str]:
     if not (isinstance(name, str) and name.isidentifier() and name == name.lower()):
         raise ValueError(f"{label}: name must be a snake_case identifier (it keys the params), "
                          f"got {name!r}")
-    return name, f"{name}: {label}"
+    return kind, label
 
 
 def _conv_pads(spatial, ks, strides, padding, dilation):
@@ -254,9 +255,10 @@ def _conv_layer(out_chan, filter_shape, strides, padding, dilation, groups, W_in
               "dilation": dilation}
     if not transpose:
         config["feature_group_count"] = groups
-    return Layer(init, apply, kind=kind, label=label, fwd=fwd, bwd=bwd, config=config)
+    return Layer(init, apply, kind=kind, label=label, fwd=fwd, bwd=bwd, config=config, name=name)
 
 
+@recorded
 def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | None = None,
          padding: Padding = "SAME", dilation: Sequence[int] | None = None,
          feature_group_count: int = 1, W_init: Initializer = initializers.glorot_normal(),
@@ -295,6 +297,7 @@ def Conv(out_chan: int, filter_shape: Sequence[int], strides: Sequence[int] | No
                        W_init, b_init, name, False, "conv", label)
 
 
+@recorded
 def Conv1D(out_chan: int, kernel_size: int | Sequence[int], strides: int = 1,
            padding: Padding = "SAME", dilation: int = 1, feature_group_count: int = 1,
            **kwargs) -> Layer:
@@ -304,6 +307,7 @@ def Conv1D(out_chan: int, kernel_size: int | Sequence[int], strides: int = 1,
                 _ints(dilation, 1, "dilation", "Conv1D"), feature_group_count, **kwargs)
 
 
+@recorded
 def Conv2D(out_chan: int, kernel_size: int | Sequence[int], strides: int | Sequence[int] = 1,
            padding: Padding = "SAME", dilation: int | Sequence[int] = 1,
            feature_group_count: int = 1, **kwargs) -> Layer:
@@ -313,6 +317,7 @@ def Conv2D(out_chan: int, kernel_size: int | Sequence[int], strides: int | Seque
                 _ints(dilation, 2, "dilation", "Conv2D"), feature_group_count, **kwargs)
 
 
+@recorded
 def ConvTranspose(out_chan: int, filter_shape: Sequence[int],
                   strides: Sequence[int] | None = None, padding: Padding = "SAME",
                   dilation: Sequence[int] | None = None,

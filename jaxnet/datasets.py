@@ -127,13 +127,13 @@ def validate(x: np.ndarray, y: np.ndarray, num_classes: int | None, where: str =
         if what == "features" or num_classes is None:  # trained on in ``dtype``
             with np.errstate(over="ignore"):
                 big = ~np.isfinite(flat.astype(dtype)).all(axis=1)
-            if big.any():
-                i = int(np.argmax(big))
-                value = flat[i][~np.isfinite(flat[i].astype(dtype))][0]
-                raise DataError(f"{where}: {what} hold {value:g} in {_row(i, lines)}, beyond "
-                                f"{np.dtype(dtype).name}'s largest number "
-                                f"({float(np.finfo(dtype).max):.3g}); training would see "
-                                f"infinity: rescale the data")
+                if big.any():
+                    i = int(np.argmax(big))
+                    value = flat[i][~np.isfinite(flat[i].astype(dtype))][0]
+                    raise DataError(f"{where}: {what} hold {value:g} in {_row(i, lines)}, "
+                                    f"beyond {np.dtype(dtype).name}'s largest number "
+                                    f"({float(np.finfo(dtype).max):.3g}); training would see "
+                                    f"infinity: rescale the data")
     if num_classes is None:
         return
     _check_labels(y, num_classes, where, lines)

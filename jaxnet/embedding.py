@@ -9,6 +9,7 @@ import numpy as np
 from jax.nn import initializers
 
 from .layers import Initializer, Layer, ShapeError
+from .protocol import recorded
 
 Array = jax.Array
 
@@ -20,6 +21,7 @@ def _positive_int(label, what, value):
         raise ValueError(f"{label}: {what} must be a positive integer, got {value!r}")
 
 
+@recorded
 def Embedding(vocab_size: int, dim: int,
               embedding_init: Initializer = initializers.normal(stddev=1.0)) -> Layer:
     """Token embedding: y[..., :] = table[x[...], :] for integer tokens x.
@@ -85,6 +87,7 @@ def Embedding(vocab_size: int, dim: int,
                  config={"vocab_size": vocab_size, "dim": dim})
 
 
+@recorded
 def PositionalEmbedding(max_len: int,
                         embedding_init: Initializer = initializers.normal(stddev=0.02)) -> Layer:
     """Learned positional embedding added to a sequence: y[b, t, :] = x[b, t, :] + pos[t, :].

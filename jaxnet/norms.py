@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.nn import initializers
 
 from .layers import Initializer, Layer, ShapeError
+from .protocol import recorded
 
 Array = jax.Array
 
@@ -23,6 +24,7 @@ def _check_epsilon(label, epsilon):
         raise ValueError(f"{label} epsilon must be positive, got {epsilon!r}")
 
 
+@recorded
 def GroupNorm(num_groups: int, epsilon: float = 1e-5,
               scale_init: Initializer = initializers.ones,
               bias_init: Initializer = initializers.zeros) -> Layer:
@@ -97,6 +99,7 @@ def GroupNorm(num_groups: int, epsilon: float = 1e-5,
                  config={"num_groups": num_groups, "epsilon": epsilon})
 
 
+@recorded
 def RMSNorm(epsilon: float = 1e-6, scale_init: Initializer = initializers.ones) -> Layer:
     """Root-mean-square normalisation (Zhang & Sennrich, 2019) over the last axis.
 

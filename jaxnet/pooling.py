@@ -23,6 +23,7 @@ import numpy as np
 from jax import lax
 
 from .layers import Layer, ShapeError
+from .protocol import recorded, singleton
 
 Array = jax.Array
 Padding = str | Sequence[tuple[int, int]]
@@ -119,6 +120,7 @@ def _pool_init(label, window, strides, padding):
     return init
 
 
+@recorded
 def MaxPool(window_shape: Sequence[int], strides: Sequence[int] | None = None,
             padding: Padding = "VALID") -> Layer:
     """Max pooling: y[n, o, c] = maxₖ x_pad[n, s·o + k, c], padding cells −∞.
@@ -193,6 +195,7 @@ def _sum_like_pool(kind, label, window, strides, padding, divide):
                  fwd=fwd, bwd=bwd, config=config)
 
 
+@recorded
 def SumPool(window_shape: Sequence[int], strides: Sequence[int] | None = None,
             padding: Padding = "VALID") -> Layer:
     """Sum pooling: y[n, o, c] = Σₖ x_pad[n, s·o + k, c], padding cells 0.
@@ -205,6 +208,7 @@ def SumPool(window_shape: Sequence[int], strides: Sequence[int] | None = None,
     return _sum_like_pool("sum_pool", label, window, strides, padding, None)
 
 
+@recorded
 def AvgPool(window_shape: Sequence[int], strides: Sequence[int] | None = None,
             padding: Padding = "VALID", count_include_pad: bool = True) -> Layer:
     """Average pooling: y[n, o, c] = (Σₖ x_pad[n, s·o + k, c]) / count[o], padding cells 0.
@@ -250,5 +254,6 @@ def _global_avg_bwd(params, in_shape, g):
 
 # Global average pooling: y[n, c] = mean over every spatial cell of x[n, …, c];
 # (N, *spatial, C) → (N, C). Backward rule: ∂L/∂x[n, i, c] = δ[n, c] / |spatial|.
-GlobalAvgPool = Layer(_global_avg_init, _global_avg_apply, kind="global_avg_pool",
-                      label="GlobalAvgPool", fwd=_global_avg_fwd, bwd=_global_avg_bwd)
+GlobalAvgPool = singleton(Layer(_global_avg_init, _global_avg_apply, kind="global_avg_pool",
+                                label="GlobalAvgPool", fwd=_global_avg_fwd, bwd=_global_avg_bwd),
+                          __name__, "GlobalAvgPool")

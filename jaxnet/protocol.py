@@ -46,6 +46,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -247,12 +248,17 @@ def _rebuilt(recipe: tuple, name: str | None) -> Layer:
 
 def recorded(factory: Callable[..., Layer]) -> Callable[..., Layer]:
     """Decorate a layer constructor so that its layers remember the call (``recipe``):
-    they then compare by value, copy and pickle (the constructor must be importable)."""
+    they then compare by value, copy and pickle (the constructor must be importable).
+    The decorated constructor takes ``name=`` (the layer's parameter key) whether or not
+    the plain one does."""
+
+    takes_name = "name" in inspect.signature(factory).parameters
 
     @functools.wraps(factory)
-    def make(*args, **kwargs) -> Layer:
-        layer = factory(*args, **kwargs)
-        return dataclasses.replace(layer, recipe=(make, args, kwargs))
+    def make(*args, name: str | None = None, **kwargs) -> Layer:
+        layer = factory(*args, **kwargs, **({"name": name} if takes_name else {}))
+        return dataclasses.replace(layer, recipe=(make, args, kwargs),
+                                   name=layer.name if name is None else name)
 
     return make
 

@@ -136,7 +136,7 @@ def test_names_inside_serial_and_mnist1d_cnn_size():
     count = sum(a.size for a in jax.tree_util.tree_leaves(params))
     assert count == 125 + 25 + 2 * (1875 + 25) + 125 * 10 + 10  # the paper's ~5,200
     named = jaxnet.serial(Conv(2, (3,), name="stem"), Conv(2, (3,)))
-    assert sorted(abstract_init(named, (-1, 8, 1))[1]) == ["conv_0", "stem_0"]
+    assert sorted(abstract_init(named, (-1, 8, 1))[1]) == ["conv_0", "stem"]  # name= is the key
 
 
 # --- bad input ---------------------------------------------------------------
