@@ -241,3 +241,207 @@ def test_python_dash_m_jaxnet_train_runs(tmp_path):
                           capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "test accuracy" in done.stdout
+
+
+# --- faults: issue 14 ------------------------------------------------------------------
+
+def bad_files_and_outputs(tmp):
+    """Inputs and outputs refused before training, with the message each must contain."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 3)), np.arange(40) % 3
+    (tmp / "x.csv").mkdir()
+    (tmp / "empty.npz").write_bytes(b"")
+    good = write_npz(tmp / "good.npz", x, y)
+    (tmp / "cut.npz").write_bytes(open(good, "rb").read()[:300])
+    np.save(tmp / "arr.npy", x)
+    os.rename(tmp / "arr.npy", tmp / "arr.npz")
+    (tmp / "noise.npz").write_bytes(rng.bytes(500))
+    np.savez(tmp / "objects.npz", x=np.array([{"a": 1}] * 40, dtype=object), y=y)
+    (tmp / "latin.csv").write_bytes("a,label\n1,0\n2,1\ncaf\xe9,0\n".encode("latin-1"))
+    (tmp / "big.csv").write_text("a,label\n1,0\n1e39,1\n2,0\n3,1\n")
+    (tmp / "blank.csv").write_text("a,label\n1,0\n\n2,1\nfoo,0\n")
+    write_npz(tmp / "complex.npz", x + 1j, y)
+    write_npz(tmp / "typo.npz", x, np.where(np.arange(40) == 17, 100000, y))
+    write_npz(tmp / "one.npz", x, np.zeros(40, int))
+    (tmp / "file").write_text("")
+    os.symlink(tmp / "nowhere", tmp / "dangling")
+    return {
+        "report is a directory": (["--report", str(tmp)], "is a directory; give a file name"),
+        "report under a file": (["--report", str(tmp / "file" / "r.json")],
+                                "is a file, so nothing can be created under it"),
+        "unknown plot format": (["--plot", str(tmp / "p.xyz")], "unknown image format .xyz"),
+        "checkpoint dir is a file": (["--checkpoint-dir", str(tmp / "file")],
+                                     "is a file, not a directory"),
+        "checkpoint dir dangles": (["--checkpoint-dir", str(tmp / "dangling")],
+                                   "is a symbolic link to"),
+        "directory named x.csv": (["--data", str(tmp / "x.csv")], "is a directory, not a data"),
+        "empty npz": (["--data", str(tmp / "empty.npz")], "empty.npz: the file is empty"),
+        "truncated npz": (["--data", str(tmp / "cut.npz")], "cut.npz: not a .npz archive"),
+        "npy renamed npz": (["--data", str(tmp / "arr.npz")], "a single .npy array"),
+        "random bytes": (["--data", str(tmp / "noise.npz")], "noise.npz: not a .npz archive"),
+        "pickled objects": (["--data", str(tmp / "objects.npz")], "holds Python objects"),
+        "latin-1 bytes": (["--data", str(tmp / "latin.csv"), "--label-column", "label"],
+                          "latin.csv: line 4 is not UTF-8 text (byte 0xe9 at column 4)"),
+        "1e39 overflows float32": (["--data", str(tmp / "big.csv"), "--label-column", "label"],
+                                   "hold 1e+39 in line 3, beyond float32"),
+        "lines counted in the file": (["--data", str(tmp / "blank.csv"), "--label-column",
+                                       "label"], "line 5, column 'a': 'foo' is not a number"),
+        "complex inputs": (["--data", str(tmp / "complex.npz")], "features are complex numbers"),
+        "a typo label": (["--data", str(tmp / "typo.npz")],
+                         "the largest label, 100000 in row 17, makes 100001 classes, but only 4"),
+        "one class": (["--data", str(tmp / "one.npz")], "one class"),
+        "seed out of range": (["--seed", str(2**64 + 1)], "--seed must be in [0, "),
+        "negative split seed": (["--split-seed", "-1"], "--split-seed must be in [0, "),
+        "label column of a built-in set": (["--label-column", "y"], "--label-column is for a"),
+        "resume from a missing epoch": (["--resume-from", "7", "--checkpoint-dir", str(tmp)],
+                                        "no checkpoint for epoch 7"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "report is a directory", "report under a file", "unknown plot format",
+    "checkpoint dir is a file", "checkpoint dir dangles", "directory named x.csv", "empty npz",
+    "truncated npz", "npy renamed npz", "random bytes", "pickled objects", "latin-1 bytes",
+    "1e39 overflows float32", "lines counted in the file", "complex inputs", "a typo label",
+    "one class", "seed out of range", "negative split seed", "label column of a built-in set",
+    "resume from a missing epoch"])
+def test_bad_files_and_outputs_are_one_line_and_exit_code_2_before_training(
+        case, tmp_path, capsys, monkeypatch):
+    def no_training(*a, **k):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(jaxnet.train, "fit", no_training)
+    args, message = bad_files_and_outputs(tmp_path)[case]
+    assert cli.main(["train", "--quiet", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("jaxnet train: error: "), err
+    assert message in err, err
+
+
+def test_a_csv_with_a_byte_order_mark_reads(tmp_path):
+    rows = ["a,label"] + [f"{i},{i % 2}" for i in range(20)]
+    (tmp_path / "bom.csv").write_bytes(("\n".join(rows) + "\n").encode("utf-8-sig"))
+    data = jaxnet.datasets.load(str(tmp_path / "bom.csv"), label_column="label")
+    assert data.num_classes == 2 and sum(data.sizes.values()) == 20
+
+
+def test_nan_in_epoch_metrics_stops_the_run_and_the_report_is_strict_json(tmp_path, capsys):
+    ckpt, report = tmp_path / "ckpt", tmp_path / "r.json"
+    code = cli.main(["train", "--optimizer", "sgd", "--lr", "1e6",  # the issue's run
+                     "--batch-size", "1257", "--epochs", "4", "--quiet", "--report", str(report),
+                     "--checkpoint-dir", str(ckpt)])
+    assert code == 1
+    assert "the loss became NaN (or infinite)" in capsys.readouterr().err
+
+    def no_constants(name):
+        raise AssertionError(f"{name} in the report")
+
+    saved = json.loads(report.read_text(), parse_constant=no_constants)
+    assert saved["stop_reason"] == "nan"
+    for values in saved["history"].values():  # no epoch with a NaN metric is kept
+        assert all(v is not None for v in values)
+    kept = checkpoint.latest_epoch(str(ckpt))
+    assert kept == saved["epochs_run"] and saved["nan_at"]["epoch"] == kept + 1
+
+
+def test_five_rows_with_batch_2_train_without_early_stopping(tmp_path, capsys):
+    (tmp_path / "five.csv").write_text("a,b,label\n1,0,0\n0,1,1\n1,1,0\n0,0,1\n2,1,0\n")
+    code = cli.main(["train", "--data", str(tmp_path / "five.csv"), "--label-column", "label",
+                     "--hidden", "4", "--batch-size", "2", "--epochs", "2", "--quiet"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "test loss" in out
+    assert "leave none for validation, so early stopping (--patience) is off" in err
+
+
+def test_a_report_that_cannot_be_written_comes_after_the_results(tmp_path, capsys, monkeypatch):
+    def full_disk(path, report):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cli, "_write_json", full_disk)
+    assert train("--epochs", "1", "--report", str(tmp_path / "r.json")) == 1
+    out, err = capsys.readouterr()
+    assert "test accuracy" in out
+    assert err.startswith("jaxnet train: error: could not write --report") and \
+        "No space left on device" in err
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_on_resume_and_named(two_epoch_checkpoint,
+                                                                    tmp_path, capsys):
+    from test_checkpoint import flip_byte, largest_file
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(two_epoch_checkpoint, ckpt)
+    flip_byte(largest_file(os.path.join(ckpt, "2", "state")))
+    assert train("--epochs", "2", "--checkpoint-dir", ckpt, "--resume-from", "2") == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint of epoch 2 is damaged" in err and err.count("\n") == 1
+    assert "--resume-from one of the other saved epochs (1)" in err
+    assert train("--epochs", "2", "--checkpoint-dir", ckpt, "--resume") == 0
+    err = capsys.readouterr().err
+    assert "warning:" in err and "resuming from epoch 1, the newest intact checkpoint" in err
+    progress, _ = checkpoint.restore_checkpoint(ckpt, jaxnet.train.init_state(
+        jaxnet.mlp([12], 10, "relu", "log_softmax"), jaxnet.train.make_optimizer("adam", 0.01),
+        0, (-1, 64), dtype=np.float32))
+    assert progress.epoch == 2  # epoch 2 trained again and swapped in, intact
+
+
+def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, monkeypatch, capsys):
+    import signal
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_under_fire(directory, progress, meta=None, **kw):
+        if progress.epoch == 2:  # Ctrl-C twice while the checkpoint is being written
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_save(directory, progress, meta, **kw)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_under_fire)
+    ckpt = str(tmp_path / "ckpt")
+    assert train("--epochs", "5", "--checkpoint-dir", ckpt) == 130
+    err = capsys.readouterr().err
+    assert "interrupted after epoch 2" in err and "before training started" not in err
+    assert checkpoint.latest_epoch(ckpt) == 2
+    assert sorted(os.listdir(ckpt)) == ["1", "2"]  # intact, no staging, lock released
+
+
+def _env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+
+
+def test_sigterm_saves_a_checkpoint_and_the_report_and_exits_143(tmp_path):
+    import signal
+    import time
+
+    ckpt, report = tmp_path / "ckpt", tmp_path / "r.json"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxnet", "train", *TINY, "--epochs", "100000",
+                             "--patience", "0", "--checkpoint-dir", str(ckpt),
+                             "--report", str(report)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.time() + 120
+        while not (ckpt / "2").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert "jaxnet train: terminated (SIGTERM) after epoch" in err and "report in" in err
+    saved = json.loads(report.read_text())
+    assert saved["stop_reason"] == "terminated"
+    assert checkpoint.latest_epoch(str(ckpt)) == saved["epochs_run"] >= 2
+    assert checkpoint.LOCK_FILE not in os.listdir(ckpt)
+
+
+def test_a_second_writer_of_a_checkpoint_directory_is_refused(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    with checkpoint.DirectoryLock(ckpt):  # a run of this process is writing there
+        done = subprocess.run([sys.executable, "-m", "jaxnet", "train", *TINY, "--epochs", "1",
+                               "--checkpoint-dir", ckpt], capture_output=True, text=True,
+                              timeout=300, env=_env())
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and f"{ckpt} is in use by another run (pid " \
+        f"{os.getpid()}" in done.stderr, done.stderr
+    assert os.listdir(ckpt) == []
