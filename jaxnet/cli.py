@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "compiled steps (loop)")
     r = t.add_argument_group("output")
     r.add_argument("--checkpoint-dir", default=None, metavar="DIR",
-                   help="save a checkpoint (orbax) every --checkpoint-every epochs, on Ctrl-C "
-                        "and at the end")
+                   help="save a checkpoint (orbax, checksummed) every --checkpoint-every "
+                        "epochs, on Ctrl-C or SIGTERM and at the end; the run locks the directory")
     r.add_argument("--checkpoint-every", type=int, default=1, metavar="N",
                    help="epochs between checkpoints")
     r.add_argument("--resume", action="store_true",
