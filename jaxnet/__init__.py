@@ -27,6 +27,7 @@ from .collapse import collapse_linear
 from .combinators import FanInConcat, FanInSum, FanOut, mlp, parallel, residual, serial
 from .conv import Conv, Conv1D, Conv2D, ConvTranspose
 from .embedding import Embedding, PositionalEmbedding
+from .layer_checks import LayerCheckError, LayerReport, check_layer
 from .layers import (
     Activation,
     Dense,
@@ -51,7 +52,7 @@ from .layers import (
     elementwise,
 )
 from .losses import accuracy, cross_entropy, l2_loss, softmax_cross_entropy
-from .norms import GroupNorm, RMSNorm
+from .norms import BatchNorm, GroupNorm, RMSNorm
 from .pooling import AvgPool, GlobalAvgPool, MaxPool, SumPool
 from .precision import Policy, mixed_precision
 from .summary import Summary, summary
@@ -69,13 +70,13 @@ __all__ = [
     "Sigmoid", "Tanh", "Relu", "LeakyRelu", "Elu", "Gelu", "Softplus", "Silu", "Identity",
     "Softmax", "LogSoftmax", "Flatten", "Dropout", "LayerNorm",
     "Conv", "Conv1D", "Conv2D", "ConvTranspose", "MaxPool", "AvgPool", "SumPool", "GlobalAvgPool",
-    "GroupNorm", "RMSNorm", "Embedding", "PositionalEmbedding", "MultiHeadAttention",
+    "GroupNorm", "RMSNorm", "BatchNorm", "Embedding", "PositionalEmbedding", "MultiHeadAttention",
     "TransformerBlock",
     # combinators
     "serial", "parallel", "FanOut", "FanInSum", "FanInConcat", "residual", "mlp",
     # inspection
     "summary", "Summary", "collapse_linear", "check_activation", "ActivationReport",
-    "ActivationCheckError",
+    "ActivationCheckError", "check_layer", "LayerReport", "LayerCheckError",
     # manual backpropagation
     "manual_value_and_grad", "AutodiffFallbackWarning",
     # losses and metrics

@@ -30,6 +30,8 @@ __all__ = [
     "Activation",
     "ACTIVATIONS",
     "get",
+    "find",
+    "register",
     "sigmoid",
     "tanh",
     "relu",
@@ -562,3 +564,54 @@ def get(name: str) -> Activation:
     except KeyError:
         raise ValueError(
             f"unknown activation {name!r}; known: {', '.join(sorted(ACTIVATIONS))}") from None
+
+
+def find(fn: Callable) -> Activation | None:
+    """The registered :class:`Activation` whose public function is ``fn`` (``None`` if none)."""
+    for record in ACTIVATIONS.values():
+        if record.fn is fn:
+            return record
+    return None
+
+
+def register(name: str, formula: Callable[[Array], Array], derivative: Callable[[Array], Array],
+             *, output_derivative: Callable[[Array], Array] | None = None,
+             reference: Callable[[Array], Array] | None = None, monotonic: bool = True,
+             continuous: bool = True, differentiable: bool = True,
+             output_range: str = "(-inf, inf)", check: bool = True) -> Callable[..., Array]:
+    """Register your own elementwise activation f with its hand-written derivative f′.
+
+    ``formula(a)`` is f, ``derivative(a)`` is f′(a) written by hand (and optionally
+    ``output_derivative(y)``, f′ from the output y = f(a)); ``reference`` is the formula
+    the checks differentiate with ``jax.grad`` (default: ``formula``). Returns the public
+    function, f with f′ attached by ``jax.custom_jvp`` (so ``jax.grad`` uses it), with
+    ``.derivative``; the name then works everywhere a built-in's does (``mlp(..., name)``,
+    ``elementwise(name)``, the manual pass). With ``check`` (the default),
+    :func:`jaxnet.check_activation` runs first and a failing derivative is refused with
+    its report (:class:`jaxnet.ActivationCheckError`), so nothing wrong is registered.
+    """
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ValueError(f"an activation name is an identifier, got {name!r}")
+    if name in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is already registered")
+    if not (callable(formula) and callable(derivative)):
+        raise TypeError("register needs the formula f(a) and its derivative f'(a) as functions")
+    core = _elementwise(formula, derivative, output_derivative)
+
+    def public(a: ArrayLike) -> Array:
+        return core(_as_float(a))
+
+    public.__name__ = public.__qualname__ = name
+    public.__doc__ = f"The registered activation {name!r} (derivative written by hand)."
+    _register(name, public, core, derivative, output_derivative, reference or formula,
+              monotonic=monotonic, continuous=continuous, differentiable=differentiable,
+              output_range=output_range)
+    if check:
+        from .checks import check_activation  # checks builds on this module: import on use
+
+        try:
+            check_activation(name)
+        except Exception:
+            del ACTIVATIONS[name]
+            raise
+    return public

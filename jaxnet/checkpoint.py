@@ -356,6 +356,11 @@ def _sync(name: str) -> None:
 
 # --- save -------------------------------------------------------------------------------
 
+def _best_tree(params: Any, model_state: Any, with_state: bool) -> Any:
+    """What the "best" item stores: the params, or params and model state together."""
+    return {"params": params, "model_state": model_state} if with_state else params
+
+
 def save_checkpoint(directory: str, progress: FitProgress, meta: dict | None = None, *,
                     keep: int = 2) -> str:
     """Save ``progress`` as epoch ``progress.epoch`` under ``directory``; return its path.
@@ -377,8 +382,11 @@ def save_checkpoint(directory: str, progress: FitProgress, meta: dict | None = N
     state = _arrays(progress.state)
     items = {"state": ocp.args.StandardSave(state)}
     sums = {"state": _digests(state)}
+    # a stateful net's best epoch is its params and model state together
+    best_with_state = bool(jax.tree_util.tree_leaves(progress.best_state))
     if progress.best_params is not None:
-        best_arrays = _arrays(progress.best_params)
+        best_arrays = _arrays(_best_tree(progress.best_params, progress.best_state,
+                                         best_with_state))
         items["best"] = ocp.args.StandardSave(best_arrays)
         sums["best"] = _digests(best_arrays)
     best = progress.best_val_loss
@@ -386,7 +394,7 @@ def save_checkpoint(directory: str, progress: FitProgress, meta: dict | None = N
         "format": FORMAT, "epoch": progress.epoch, "history": progress.history,
         "best_val_loss": None if math.isinf(best) else best, "best_epoch": progress.best_epoch,
         "bad_epochs": progress.bad_epochs, "has_best": progress.best_params is not None,
-        "meta": meta or {}, "sha256": sums}
+        "best_with_state": best_with_state, "meta": meta or {}, "sha256": sums}
     body = json.loads(json.dumps(body))  # the form it reads back in (tuples become lists)
     items["meta"] = ocp.args.JsonSave({**body, "meta_sha256": _json_digest(body)})
     args = ocp.args.Composite(**items)
@@ -526,7 +534,9 @@ def _restore(mngr, directory: str, template: TrainState, epoch: int) -> tuple[Fi
             raise damaged(f"its JSON part ({os.path.join(where, 'meta')}) does not match its "
                           f"checksum")
     want = _flatten(template)
-    want_best = _flatten(template.params)
+    with_state = bool(meta.get("best_with_state"))
+    best_template = _best_tree(template.params, template.model_state, with_state)
+    want_best = _flatten(best_template)
     items = [("state", want)] + ([("best", want_best)] if meta["has_best"] else [])
     for item, _ in items:
         problem = _damaged_file(where, item)
@@ -555,11 +565,13 @@ def _restore(mngr, directory: str, template: TrainState, epoch: int) -> tuple[Fi
                 raise damaged(f"array '{path}'{' of the best params' if item == 'best' else ''} "
                               f"does not match the checksum written with it")
     state = _unflatten(template, restored.state)
-    best = _unflatten(template.params, restored.best) if meta["has_best"] else None
+    best = _unflatten(best_template, restored.best) if meta["has_best"] else None
+    best, best_state = (best["params"], best["model_state"]) if with_state and best else (
+        best, {} if best is not None else None)
     best_loss = meta["best_val_loss"]
     progress = FitProgress(state, int(meta["epoch"]), meta["history"], best,
                            math.inf if best_loss is None else float(best_loss),
-                           int(meta["best_epoch"]), int(meta["bad_epochs"]))
+                           int(meta["best_epoch"]), int(meta["bad_epochs"]), best_state)
     return progress, meta["meta"]
 
 

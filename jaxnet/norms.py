@@ -1,8 +1,10 @@
-"""Normalisation layers beside ``LayerNorm`` (in :mod:`jaxnet.layers`): GroupNorm and RMSNorm,
-each with its hand-written backward rule.
+"""Normalisation layers beside ``LayerNorm`` (in :mod:`jaxnet.layers`): GroupNorm, RMSNorm and
+BatchNorm, each with its hand-written backward rule.
 
-Both normalise each example on its own (no batch statistics, no state) and end with a learned
-per-channel affine map; the channel axis is last.
+GroupNorm and RMSNorm normalise each example on its own (no batch statistics, no state);
+BatchNorm normalises each channel over the batch and keeps running statistics as model state
+(:mod:`jaxnet.protocol`). All end with a learned per-channel affine map; the channel axis is
+last.
 """
 
 from __future__ import annotations
@@ -11,12 +13,12 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from .layers import Initializer, Layer, ShapeError
+from .layers import Initializer, Layer, ShapeError, StatefulLayerError
 from .protocol import recorded
 
 Array = jax.Array
 
-__all__ = ["GroupNorm", "RMSNorm"]
+__all__ = ["GroupNorm", "RMSNorm", "BatchNorm"]
 
 
 def _check_epsilon(label, epsilon):
@@ -143,3 +145,95 @@ def RMSNorm(epsilon: float = 1e-6, scale_init: Initializer = initializers.ones) 
 
     return Layer(init, apply, kind="rms_norm", label="RMSNorm", fwd=fwd, bwd=bwd,
                  config={"epsilon": epsilon})
+
+
+@recorded
+def BatchNorm(momentum: float = 0.9, epsilon: float = 1e-5,
+              scale_init: Initializer = initializers.ones,
+              bias_init: Initializer = initializers.zeros, name: str | None = None) -> Layer:
+    """Batch normalisation over every axis but the last (channels-last: batch and space).
+
+    Train mode (``mode="train"``, the default): with μ, σ² the batch mean and (biased)
+    variance of each channel, x̂ = (x − μ)/√(σ² + ε) and y = x̂·scale + bias; the running
+    statistics become m ← momentum·m + (1 − momentum)·μ, v ← momentum·v + (1 − momentum)·σ².
+    Eval mode (``mode="eval"``): x̂ = (x − m)/√(v + ε) with the running statistics, which
+    are read, not changed, so an example's output does not depend on the rest of its batch.
+
+    Params ``{"scale": (C,), "bias": (C,)}``; model state ``{"mean": (C,), "var": (C,)}``
+    (zeros and ones at init). A stateful layer: run it with ``apply_with_state`` (its plain
+    ``apply`` raises :class:`~jaxnet.StatefulLayerError`).
+
+    Backward rule, with ĝ = g·scale, s = 1/√(σ² + ε) and means over the M = N·(spatial)
+    positions of a channel: in train mode, through the batch statistics,
+    ∂L/∂x = s(ĝ − mean(ĝ) − x̂·mean(ĝ·x̂)); in eval mode ∂L/∂x = ĝ·s;
+    ∂L/∂scale = Σ g·x̂, ∂L/∂bias = Σ g. The state gets no gradient.
+    """
+    if not 0 <= momentum < 1:
+        raise ValueError(f"BatchNorm momentum must be in [0, 1), got {momentum!r}")
+    _check_epsilon("BatchNorm", epsilon)
+
+    def channels(input_shape):
+        if len(input_shape) < 2 or input_shape[-1] is None or input_shape[-1] <= 0:
+            raise ShapeError(f"BatchNorm needs a batch axis and a positive channel axis last, "
+                             f"got input shape {tuple(input_shape)}")
+        return input_shape[-1]
+
+    def init(rng, input_shape):
+        c = channels(input_shape)
+        k1, k2 = jax.random.split(rng)
+        return tuple(input_shape), {"scale": scale_init(k1, (c,)), "bias": bias_init(k2, (c,))}
+
+    def state_init(input_shape):
+        c = channels(input_shape)
+        return {"mean": jnp.zeros((c,)), "var": jnp.ones((c,))}
+
+    def run(params, state, x, mode):
+        mode = "train" if mode is None else mode
+        if mode not in ("train", "eval"):
+            raise ValueError(f"BatchNorm mode must be 'train' or 'eval', got {mode!r}")
+        if x.ndim < 2 or x.shape[-1] != params["scale"].shape[0]:
+            raise ShapeError(f"BatchNorm expects inputs of shape (N, ..., "
+                             f"{params['scale'].shape[0]}), got {tuple(x.shape)}")
+        axes = tuple(range(x.ndim - 1))
+        if mode == "train":
+            mean = jnp.mean(x, axes)
+            var = jnp.mean(jnp.square(x - mean), axes)
+            keep = jnp.asarray(momentum, state["mean"].dtype)
+            new_state = {
+                "mean": keep * state["mean"] + (1 - keep) * jax.lax.stop_gradient(mean),
+                "var": keep * state["var"] + (1 - keep) * jax.lax.stop_gradient(var)}
+        else:
+            mean, var = state["mean"].astype(x.dtype), state["var"].astype(x.dtype)
+            new_state = state
+        s = jax.lax.rsqrt(var + epsilon)
+        xhat = (x - mean) * s
+        return xhat * params["scale"] + params["bias"], (xhat, s, mode == "train"), new_state
+
+    def apply(params, inputs, **kwargs):
+        raise StatefulLayerError("BatchNorm keeps model state (running statistics): use "
+                                 "init_with_state and apply_with_state(params, state, x, "
+                                 "mode=...)")
+
+    def apply_state(params, state, inputs, *, mode=None, **kwargs):
+        y, _, new_state = run(params, state, inputs, mode)
+        return y, new_state
+
+    def fwd_state(params, state, inputs, *, mode=None, **kwargs):
+        return run(params, state, inputs, mode)
+
+    def fwd(params, inputs, **kwargs):
+        apply(params, inputs)
+
+    def bwd(params, residuals, g):
+        xhat, s, batch_stats = residuals
+        axes = tuple(range(g.ndim - 1))
+        gh = g * params["scale"]
+        if batch_stats:
+            dx = s * (gh - jnp.mean(gh, axes) - xhat * jnp.mean(gh * xhat, axes))
+        else:
+            dx = gh * s
+        return {"scale": jnp.sum(g * xhat, axes), "bias": jnp.sum(g, axes)}, dx
+
+    return Layer(init, apply, fwd, bwd, kind="batch_norm", label="BatchNorm", name=name,
+                 config={"momentum": momentum, "epsilon": epsilon}, state_init=state_init,
+                 apply_state=apply_state, fwd_state=fwd_state)

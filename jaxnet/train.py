@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from . import losses as _losses
+from .protocol import apply_with_state, init_with_state
 
 Array = jax.Array
 Params = Any
@@ -56,12 +57,15 @@ class TrainState(NamedTuple):
       step: int32 scalar, the number of steps taken.
       key: uint32[2] raw PRNG key; split once per epoch for shuffling, and
         ``fold_in(key, step)`` gives each step's dropout key.
+      model_state: the net's model state (BatchNorm's running statistics), keyed
+        like the params; ``{}`` (no leaves) for a stateless net.
     """
 
     params: Params
     opt_state: optax.OptState
     step: Array
     key: Array
+    model_state: Any = {}
 
 
 def _raw_key(key: Any) -> Array:
@@ -87,11 +91,11 @@ def init_state(net: Any, optimizer: optax.GradientTransformation, key: Any,
     """
     _check_optimizer(optimizer)
     init_key, key = jax.random.split(_raw_key(key))
-    _, params = net[0](init_key, tuple(input_shape))
+    _, params, model_state = init_with_state(net, init_key, tuple(input_shape))
     if dtype is not None:
         params = jax.tree_util.tree_map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
-    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32), key, model_state)
 
 
 def _check_optimizer(optimizer: Any) -> None:
@@ -100,17 +104,55 @@ def _check_optimizer(optimizer: Any) -> None:
                         f"{optimizer!r}")
 
 
-def _value_and_grad(net: Any, loss: Loss, grad: str) -> Callable:
-    """``f(params, inputs, targets, *, rng, mode) -> (loss, grads)`` by jax.grad or by hand."""
-    if grad == "auto":
-        def objective(params, inputs, targets, *, rng=None, mode=None):
-            return loss(net[1](params, inputs, rng=rng, mode=mode), targets)
+def _check_loss(loss: Any) -> None:
+    """``loss`` must be callable as ``loss(outputs, targets)``."""
+    import inspect
 
-        return jax.value_and_grad(objective)
+    if not callable(loss):
+        raise TypeError(f"loss must be a function loss(outputs, targets) -> scalar, got {loss!r}")
+    try:
+        inspect.signature(loss).bind(None, None)
+    except TypeError:
+        raise TypeError(f"loss must take two positional arguments, loss(outputs, targets) -> "
+                        f"scalar; {getattr(loss, '__name__', loss)!r} has the signature "
+                        f"{inspect.signature(loss)}") from None
+    except ValueError:  # no signature to read (a builtin): trust it
+        pass
+
+
+def _value_and_grad(net: Any, loss: Loss, grad: str) -> Callable:
+    """``f(params, model_state, inputs, targets, *, rng, mode) -> (loss, new_state, grads)``
+    by jax.grad (through ``apply_with_state``) or by the hand-written backward pass."""
+    _check_loss(loss)
+    if grad == "auto":
+        def objective(params, model_state, inputs, targets, rng, mode):
+            outputs, new_state = apply_with_state(net, params, model_state, inputs,
+                                                  {"rng": rng, "mode": mode})
+            return loss(outputs, targets), new_state
+
+        value_and_grad = jax.value_and_grad(objective, has_aux=True)
+
+        def auto(params, model_state, inputs, targets, *, rng=None, mode=None):
+            (value, new_state), grads = value_and_grad(params, model_state, inputs, targets,
+                                                       rng, mode)
+            return value, new_state, grads
+
+        return auto
     if grad == "manual":
         from .backprop import manual_value_and_grad
 
-        return manual_value_and_grad(net, loss)
+        f = manual_value_and_grad(net, loss)
+        stateful = getattr(net, "stateful", False)
+
+        def manual(params, model_state, inputs, targets, *, rng=None, mode=None):
+            if not stateful:
+                value, grads = f(params, inputs, targets, rng=rng, mode=mode)
+                return value, model_state, grads
+            (value, new_state), grads = f(params, inputs, targets, state=model_state, rng=rng,
+                                          mode=mode)
+            return value, new_state, grads
+
+        return manual
     raise ValueError(f"grad must be 'auto' (jax.grad) or 'manual' (jaxnet's hand-written "
                      f"backward pass), got {grad!r}")
 
@@ -129,10 +171,11 @@ def train_step_fn(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
 
     def step(state: TrainState, inputs: Array, targets: Array) -> tuple[TrainState, Array]:
         rng = jax.random.fold_in(state.key, state.step)
-        value, grads = value_and_grad(state.params, inputs, targets, rng=rng, mode="train")
+        value, model_state, grads = value_and_grad(state.params, state.model_state, inputs,
+                                                   targets, rng=rng, mode="train")
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return TrainState(params, opt_state, state.step + 1, state.key), value
+        return TrainState(params, opt_state, state.step + 1, state.key, model_state), value
 
     return step
 
@@ -214,16 +257,19 @@ def _shuffled_batches(key: Array, x: Array, y: Array, batch_size: int):
 
 
 def make_eval_step(net: Any, loss: Loss, metrics: Mapping[str, Callable] | None = None, *,
-                   jit: bool = True) -> Callable[[Params, Array, Array], dict[str, Array]]:
-    """``evaluate(params, inputs, targets) -> {"loss": L, name: metric, ...}``.
+                   jit: bool = True) -> Callable[..., dict[str, Array]]:
+    """``evaluate(params, inputs, targets, model_state={}) -> {"loss": L, name: metric, ...}``.
 
-    The net runs with ``mode="eval"`` (dropout off). ``metrics`` maps names to
-    ``metric(outputs, targets) -> scalar`` (e.g. ``{"accuracy": jaxnet.accuracy}``).
+    The net runs with ``mode="eval"`` (dropout off, BatchNorm on its running statistics
+    from ``model_state``). ``metrics`` maps names to ``metric(outputs, targets) ->
+    scalar`` (e.g. ``{"accuracy": jaxnet.accuracy}``).
     """
+    _check_loss(loss)
     metrics = dict(metrics or {})
 
-    def eval_step(params, inputs, targets):
-        outputs = net[1](params, inputs, mode="eval")
+    def eval_step(params, inputs, targets, model_state=None):
+        model_state = {} if model_state is None else model_state
+        outputs, _ = apply_with_state(net, params, model_state, inputs, {"mode": "eval"})
         out = {"loss": loss(outputs, targets)}
         out.update({name: m(outputs, targets) for name, m in metrics.items()})
         return out
@@ -232,7 +278,7 @@ def make_eval_step(net: Any, loss: Loss, metrics: Mapping[str, Callable] | None 
 
 
 def evaluate(eval_step: Callable, params: Params, inputs: Array, targets: Array,
-             batch_size: int | None = None) -> dict[str, float]:
+             batch_size: int | None = None, model_state: Any = None) -> dict[str, float]:
     """Run ``eval_step`` over a data set (in chunks of ``batch_size`` rows if given) and
     return the row-weighted mean of each value as Python floats."""
     n = inputs.shape[0]
@@ -241,7 +287,8 @@ def evaluate(eval_step: Callable, params: Params, inputs: Array, targets: Array,
     size = n if batch_size is None else batch_size
     totals: dict[str, float] = {}
     for start in range(0, n, size):
-        out = eval_step(params, inputs[start:start + size], targets[start:start + size])
+        out = eval_step(params, inputs[start:start + size], targets[start:start + size],
+                        model_state)
         rows = min(size, n - start)
         for k, v in jax.device_get(out).items():
             totals[k] = totals.get(k, 0.0) + float(v) * rows
@@ -262,6 +309,8 @@ class FitProgress(NamedTuple):
       best_val_loss: that loss (``inf`` before the first validation).
       best_epoch: that epoch (1-based; 0 before the first validation).
       bad_epochs: epochs since the validation loss last improved.
+      best_state: the model state of that epoch (``{}`` for a stateless net;
+        ``None`` before the first validation), restored with ``best_params``.
     """
 
     state: TrainState
@@ -271,6 +320,7 @@ class FitProgress(NamedTuple):
     best_val_loss: float
     best_epoch: int
     bad_epochs: int
+    best_state: Any = None
 
 
 class FitResult(NamedTuple):
@@ -390,6 +440,8 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
         raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}")
     if patience is not None and (not isinstance(patience, int) or patience < 1):
         raise ValueError(f"patience must be a positive integer or None, got {patience!r}")
+    _check_fit_arguments(start, train, val)
+    _check_loss(loss)
     if mesh is not None:
         from .sharding import global_rows
         x, y = global_rows(mesh, tuple(train))
@@ -410,6 +462,10 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
     if has_val:
         xv, yv = global_rows(mesh, tuple(val)) if mesh is not None else (
             jnp.asarray(a) for a in val)
+    state_template = start.state if isinstance(start, FitProgress) else start
+    _check_labels(net, state_template, x, y, "train")
+    if has_val:
+        _check_labels(net, state_template, xv, yv, "val")
     metrics = {"accuracy": _losses.accuracy} if metrics is None else dict(metrics)
     key = (net, loss, optimizer, grad, batch, scan_epoch, tuple(metrics.items()), mesh,
            tuple(rules))
@@ -424,7 +480,7 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
     if isinstance(start, FitProgress):
         good = start
     else:
-        good = FitProgress(start, 0, {}, None, math.inf, 0, 0)
+        good = FitProgress(start, 0, {}, None, math.inf, 0, 0, None)
     state = _copy(good.state)
     if mesh is not None:
         from .sharding import shard_state
@@ -449,16 +505,19 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
                 nan_at, stop_reason = (epoch, (epoch - 1) * steps_per_epoch + i + 1), "nan"
                 break
             record = {"epoch": epoch, "batch_loss": float(np.mean(step_losses))}
-            record.update({f"train_{k}": v for k, v in
-                           evaluate(eval_step, state.params, x, y, eval_batch_size).items()})
-            best = (good.best_params, good.best_val_loss, good.best_epoch, good.bad_epochs)
+            record.update({f"train_{k}": v for k, v in evaluate(
+                eval_step, state.params, x, y, eval_batch_size, state.model_state).items()})
+            best = (good.best_params, good.best_val_loss, good.best_epoch, good.bad_epochs,
+                    good.best_state)
             if has_val:
-                scores = evaluate(eval_step, state.params, xv, yv, eval_batch_size)
+                scores = evaluate(eval_step, state.params, xv, yv, eval_batch_size,
+                                  state.model_state)
                 record.update({f"val_{k}": v for k, v in scores.items()})
                 if scores["loss"] < good.best_val_loss - min_delta:
-                    best = (_copy(state.params), scores["loss"], epoch, 0)
+                    best = (_copy(state.params), scores["loss"], epoch, 0,
+                            _copy(state.model_state))
                 else:
-                    best = best[:3] + (best[3] + 1,)
+                    best = best[:3] + (best[3] + 1, best[4])
             if not (all(math.isfinite(v) for v in record.values()) and _finite(state)):
                 # the steps' losses were finite, but the epoch's metrics or the state are not
                 nan_at, stop_reason = (epoch, epoch * steps_per_epoch), "nan"
@@ -486,10 +545,49 @@ def fit(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
 
     final = good.state
     if patience is not None and good.best_params is not None:
-        final = final._replace(params=good.best_params)
+        # the best epoch's params and model state together
+        final = final._replace(params=good.best_params, model_state=final.model_state
+                               if good.best_state is None else good.best_state)
     history = {k: list(v) for k, v in good.history.items()}
     return FitResult(final, history, stop_reason, good.epoch,
                      good.best_epoch if has_val and good.best_epoch else None, nan_at, good)
+
+
+def _check_fit_arguments(start: Any, train: Any, val: Any) -> None:
+    """Say what ``fit`` expects before anything deep fails on it."""
+    if not isinstance(start, (TrainState, FitProgress)):
+        if isinstance(start, tuple) and len(start) == 2 and isinstance(start[0], FitProgress):
+            raise TypeError("fit's start is a TrainState or a FitProgress; "
+                            "restore_checkpoint returns (progress, meta): pass its progress, "
+                            "fit(..., start=progress, ...)")
+        raise TypeError(f"fit's start must be a TrainState (jaxnet.train.init_state) or a "
+                        f"FitProgress (a checkpoint's), got {type(start).__name__}")
+    for what, data in (("train", train), ("val", val)):
+        if data is None and what == "val":
+            continue
+        if not (isinstance(data, (tuple, list)) and len(data) == 2
+                and all(hasattr(a, "shape") or isinstance(a, (list, tuple)) for a in data)):
+            raise TypeError(f"fit's {what} must be an (inputs, targets) pair of arrays holding "
+                            f"the whole data set (fit batches and shuffles it itself), got "
+                            f"{type(data).__name__}; for a stream of batches call "
+                            f"make_train_step in your own loop")
+
+
+def _check_labels(net: Any, state: TrainState, x: Array, y: Array, what: str) -> None:
+    """Integer labels must lie in [0, C) for a net with C outputs (else the loss is NaN)."""
+    if not jnp.issubdtype(y.dtype, jnp.integer) or not getattr(y, "is_fully_addressable", True):
+        return
+    shape = jax.eval_shape(
+        lambda p, s, a: apply_with_state(net, p, s, a, {"mode": "eval"})[0],
+        state.params, state.model_state, jax.ShapeDtypeStruct(x.shape, x.dtype)).shape
+    classes = shape[-1] if shape else 1
+    labels = np.asarray(y)
+    bad = np.flatnonzero((labels < 0) | (labels >= classes))
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(f"{what} label {labels.ravel()[row]} (row {row}) is out of range for "
+                         f"a net with {classes} outputs: integer labels must lie in "
+                         f"[0, {classes})")
 
 
 # --- optimizers by name -------------------------------------------------------------
