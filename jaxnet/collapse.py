@@ -20,8 +20,14 @@ from .protocol import Layer
 __all__ = ["collapse_linear"]
 
 
-def _is(layer: Any, kind: str) -> bool:
-    return isinstance(layer, Layer) and layer.composite is None and layer.kind == kind
+def _is_dense(layer: Any) -> bool:
+    """Made by :func:`~jaxnet.Dense` (its recorded constructor)."""
+    return isinstance(layer, Layer) and layer.recipe is not None and layer.recipe[0] is Dense
+
+
+def _is_identity(layer: Any) -> bool:
+    return (isinstance(layer, Layer) and layer.composite is None
+            and dict(layer.config) == {"activation": "identity"})
 
 
 def _fuse(run: list[Params]) -> Params:
@@ -42,7 +48,7 @@ def _collapse(net: Any, params: Params) -> tuple[Any, Params]:
         (_, inner), = net.children
         new_inner, new_params = _collapse(inner, params)
         return net.rebuild([new_inner]), new_params
-    sequential = net.output_child == len(net.children) - 1 or net.kind == "residual"
+    sequential = net.sequential
     layers: list[Any] = []
     layer_params: list[Params] = []
     run: list[Params] = []
@@ -56,10 +62,10 @@ def _collapse(net: Any, params: Params) -> tuple[Any, Params]:
 
     for name, child in net.children:
         p = params.get(name, {})
-        if sequential and _is(child, "dense"):
+        if sequential and _is_dense(child):
             run.append(p)
             continue
-        if sequential and _is(child, "identity"):
+        if sequential and _is_identity(child):
             continue
         flush()
         child, p = _collapse(child, p)

@@ -123,7 +123,8 @@ class _Children:
 
 def composite(kind: str, label: str, ch: _Children, walk: Composite, *,
               rebuild: Callable[..., Layer], output_child: int | None,
-              config: dict | None = None, name: str | None = None) -> Layer:
+              config: dict | None = None, name: str | None = None,
+              sequential: bool = False) -> Layer:
     """A combinator's :class:`Layer` from its walking functions.
 
     The stax pair and the stateless ``fwd``/``bwd`` are derived from ``walk``: a
@@ -160,7 +161,7 @@ def composite(kind: str, label: str, ch: _Children, walk: Composite, *,
 
     return Layer(init, apply, fwd, bwd, kind=kind, label=label, name=name, config=config or {},
                  children=ch.named(), rebuild=rebuild, output_child=output_child,
-                 composite=walk)
+                 sequential=sequential, composite=walk)
 
 
 def _remat_segments(n: int, remat: Any, remat_every: int | None) -> list[tuple[int, int]]:
@@ -263,7 +264,7 @@ def serial(*layers: Any, remat: bool | Callable = False, remat_every: int | None
     return composite("serial", "serial", ch, Composite(init, apply, forward, backward),
                      rebuild=lambda new: serial(*new, remat=remat, remat_every=remat_every,
                                                 name=name),
-                     output_child=len(named) - 1, name=name,
+                     output_child=len(named) - 1, name=name, sequential=True,
                      config={"remat": remat, "remat_every": remat_every})
 
 
@@ -497,7 +498,8 @@ def residual(*layers: Any, name: str | None = None) -> Layer:
 
     ch = _Children(layers, "residual")
     return composite("residual", "residual", ch, Composite(init, apply, forward, backward),
-                     rebuild=lambda new: residual(*new, name=name), output_child=None, name=name)
+                     rebuild=lambda new: residual(*new, name=name), output_child=None, name=name,
+                     sequential=True)
 
 
 def _activation_layer(activation: str | Callable) -> Layer:

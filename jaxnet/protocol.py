@@ -31,8 +31,9 @@ stateful net raises :class:`StatefulLayerError` naming the stateful layer.
 
 **Structure** is asked of the record, never read from strings: ``children``
 (``((name, layer), ...)``), ``rebuild(layers)`` (the same combinator over new
-children) and ``output_child`` (the index of the child whose output is the
-layer's output, unchanged in value, or ``None``). Combinators are composites:
+children), ``output_child`` (the index of the child whose output is the
+layer's output, unchanged in value, or ``None``) and ``sequential`` (the children
+run one after another). Combinators are composites:
 their ``composite`` field holds the four functions that walk the children with an
 explicit :class:`Context` (see :class:`Composite`).
 
@@ -139,7 +140,9 @@ class Layer:
         ``None`` for ``kind_<count>``.
       config: the constructor's arguments (read-only).
       state_init, apply_state, fwd_state: a stateful leaf's functions.
-      children, rebuild, output_child, composite: a combinator's structure.
+      children, rebuild, output_child, composite: a combinator's structure;
+        ``sequential``: its children run one after another, each on the previous one's
+        output (serial, a residual's body), so adjacent linear children can be fused.
       recipe: ``(constructor, args, kwargs)``, what copies and pickles rebuild from.
     """
 
@@ -157,6 +160,7 @@ class Layer:
     children: tuple = ()
     rebuild: Callable | None = None
     output_child: int | None = None
+    sequential: bool = False
     composite: Composite | None = None
     recipe: tuple | None = None
 

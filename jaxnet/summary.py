@@ -102,11 +102,13 @@ def _count(params) -> int:
 
 
 def _width(layer: Any) -> int | None:
-    if not isinstance(layer, Layer):
+    """Units of a linear combination: a Dense's ``out_dim``, a convolution's ``out_chan``."""
+    if not isinstance(layer, Layer) or layer.composite is not None:
         return None
     for key in ("out_dim", "out_chan"):
-        if key in layer.config and layer.kind in ("dense", "conv", "conv_transpose"):
-            return layer.config[key]
+        value = layer.config.get(key)
+        if isinstance(value, int) and "num_heads" not in layer.config:
+            return value
     return None
 
 
