@@ -56,8 +56,11 @@ def Embedding(vocab_size: int, dim: int,
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise TypeError(f"{label} takes integer token ids, got {inputs.dtype} inputs of "
                             f"shape {tuple(inputs.shape)}")
-        if not isinstance(inputs, jax.core.Tracer) and inputs.size:
-            low, high = int(jnp.min(inputs)), int(jnp.max(inputs))
+        if inputs.size:
+            try:  # concrete inputs are checked; traced ones (under jit) cannot be
+                low, high = int(jnp.min(inputs)), int(jnp.max(inputs))
+            except jax.errors.ConcretizationTypeError:
+                low, high = 0, 0
             if low < 0 or high >= vocab_size:
                 bad = low if low < 0 else high
                 raise ValueError(f"{label}: token {bad} is outside the vocabulary "
