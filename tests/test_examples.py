@@ -57,3 +57,22 @@ def test_mnist1d_example_runs_the_paper_mlp():
     r = example("mnist1d").main(["--steps", "80"])
     assert r["steps"] == 80 and len(r["test_accuracy"]) == 1
     assert r["test_accuracy"][0] > 0.15  # 10 classes: chance is 0.1
+
+
+def test_mnist1d_cnn_example_runs_the_paper_cnn():
+    r = example("mnist1d_cnn").main(["--seeds", "0", "--steps", "80"])
+    assert r["params"] == 5210 and r["steps"] == 80 and len(r["test_accuracy"]) == 1
+    assert r["test_accuracy"][0] > 0.15  # 10 classes: chance is 0.1
+
+
+def test_transformer_example_trains_with_manual_and_automatic_gradients():
+    r = example("transformer").main(["--quick"])
+    assert r["causal_leak"] == 0
+    assert r["max_loss_difference"] < 1e-4
+    assert r["auto_losses"][-1] < r["auto_losses"][0]
+
+
+def test_digits_cnn_example_trains_with_batchnorm():
+    r = example("digits_cnn").main(["--seeds", "0", "--epochs", "1"])
+    assert r["state_count"] == 256 and r["epochs_run"] == [1]
+    assert r["test_accuracy"][0] > 0.5
