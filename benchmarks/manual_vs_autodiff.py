@@ -300,6 +300,7 @@ def problem(net_kind: str, p: dict):
     shape, targets, loss = make_data(net_kind, p)
     k1, k2 = jax.random.split(jax.random.key(0))
     _, params, state = net.init_with_state(k1, shape)
+    params, state = jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), (params, state))
     x = jax.random.normal(k2, shape, jnp.float32)
     stateful = net.stateful
     mode = {"mode": "train"} if stateful else {}

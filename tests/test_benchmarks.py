@@ -73,3 +73,42 @@ def test_remat_memory_reports_memory_with_and_without_remat(tmp_path, depth):
     by = {r["variant"]: r for r in rows}
     # remat hands XLA the recomputed forward matmuls: more than without
     assert by["remat"]["matmuls_lowered"] > by["none"]["matmuls_lowered"]
+
+
+def test_manual_vs_autodiff_writes_three_paths_for_every_net(tmp_path, monkeypatch):
+    bench = load("manual_vs_autodiff")
+    monkeypatch.setattr(bench, "QUICK", {"depth": [1], "width": [8], "activation": ["relu"],
+                                         "batch": [4]})
+    monkeypatch.setattr(bench, "BASE", {"depth": 1, "width": 8, "activation": "relu",
+                                        "batch": 4})
+    monkeypatch.setitem(bench.NET_QUICK, "cnn2d", [{"stages": 1, "width": 2, "batch": 2}])
+    monkeypatch.setattr(bench, "MEMORY_POINTS", [{"T": 8, "batch": 1, "heads": 1,
+                                                  "causal": True}])
+    monkeypatch.setattr(bench, "MEMORY_BLOCK_SIZES", (4,))
+    out = tmp_path / "m.json"
+    bench.main(["--quick", "--nets", "mlp,cnn2d", "--attention-memory", "--no-nojit",
+                "--budget", "0.01", "--rounds", "3", "--json", str(out),
+                "--plot", str(tmp_path / "m.png")])
+    result = json.loads(out.read_text())
+    columns = {"us", "ratio", "ratio_min", "ratio_max", "compile_s", "temp_bytes", "peak_bytes",
+               "kernels", "flops", "bytes_accessed", "max_rel_grad_diff", "same_as",
+               "op_diff_vs_plain"}
+    (mlp,) = result["rows"]  # the MLP rows keep their original fields, and gain the paths
+    for key in ("manual_us", "autodiff_us", "ratio", "compile_manual_s", "manual_peak_bytes",
+                "autodiff_peak_bytes", "max_rel_grad_diff", "flops", "manual_fusions"):
+        assert key in mlp, key
+    assert set(mlp["paths"]) == {"manual", "jaxnet_autodiff", "plain_autodiff"}
+    (conv,) = result["net_rows"]
+    assert conv["net"] == "cnn2d" and set(conv["paths"]) == set(mlp["paths"])
+    (att,) = result["attention_memory"]["points"]
+    assert set(att["paths"]) == {"manual_store", "manual_recompute", "jaxnet_autodiff",
+                                 "plain_autodiff", "plain_checkpoint"}
+    assert set(att["recompute_memory_by_block_size"]) == {"4"}
+    assert att["targets"]["recompute_peak_vs_plain"] > 0
+    for row in (mlp, conv, att):
+        for name, col in row["paths"].items():
+            assert columns <= set(col), (name, columns - set(col))
+            assert col["us"] > 0 and col["peak_bytes"] > 0 and col["kernels"] > 0
+            assert col["max_rel_grad_diff"] < 1e-3, (name, col["max_rel_grad_diff"])
+        assert row["paths"]["plain_autodiff"]["ratio"] == 1.0
+    assert (tmp_path / "m.png").exists() and (tmp_path / "m_nets.png").exists()
