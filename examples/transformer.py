@@ -9,7 +9,7 @@ output t must read input 15 − t, so the net needs attention.
 
 Net: Embedding(11, 64) → PositionalEmbedding(16, learned) → 2 × TransformerBlock
 (4 heads of 16, MLP 128, pre-norm, causal attention) → LayerNorm → Dense(11),
-about 68,000 params; Adam with warm-up and cosine decay (peak 3e-3), batch 64,
+69,515 params; Adam with warm-up and cosine decay (peak 3e-3), batch 64,
 on 20,000 training sequences; the token accuracy is measured on 2,000 held-out
 sequences (none of them in the training set), teacher-forced and by greedy
 decoding (each digit predicted from the digits the net itself produced).
@@ -19,6 +19,12 @@ The same net, from the same init and the same batches, is trained twice:
 (jaxnet.manual_value_and_grad: each layer's hand-written backward rule, the
 attention's softmax derivative σᵢ(δᵢⱼ − σⱼ) as a JVP included); the two loss
 curves are printed side by side with their largest difference.
+
+Result here (600 steps, seed 0): token accuracy 1.000 on the held-out
+sequences, teacher-forced and greedy, for both runs; the float32 losses agree
+within 5.3e-6 for the first 130 steps and drift up to 1.8e-2 apart while the
+loss falls steeply (rounding, amplified by training); with ``--x64`` they agree
+within 6.5e-14 over all 600 steps. About 95 s for both runs on a shared 2-core CPU.
 
 ``make_train_step``, ``make_epoch`` and ``manual_value_and_grad`` call the net
 with ``rng=`` and ``mode=`` only, so ``causal=True`` is fixed into the net by
