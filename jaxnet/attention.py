@@ -179,7 +179,7 @@ def _is_shape_pair(shape: Any) -> bool:
 
 @recorded
 def MultiHeadAttention(num_heads: int, head_dim: int | None = None, out_dim: int | None = None,
-                       backward: str = "store", block_size: int = 128,
+                       backward: str = "store", block_size: int = 128, causal: bool = False,
                        W_init: Initializer = initializers.lecun_normal(),
                        b_init: Initializer = initializers.zeros,
                        name: str | None = None) -> Layer:
@@ -198,6 +198,9 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None, out_dim: int
       so that neither pass holds the T×S matrix whole: the memory-efficient attention
       backward, O(block_size·S) memory for one more computation of the scores. ``apply``
       is the same blocked computation (``jax.grad`` of it differentiates the loop).
+    - ``causal``: the default of apply's ``causal=`` (a decoder's attention is causal at
+      every call, including those of ``fit`` and ``manual_value_and_grad``, which pass only
+      ``rng=`` and ``mode=``).
     - ``W_init``, ``b_init``: initialisers of the four projections (LeCun normal, zeros).
     - ``name``: a snake_case name keying the params in a combinator (default ``"attention"``).
 
@@ -207,8 +210,8 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None, out_dim: int
     **Keyword arguments of apply / fwd** (others, such as ``rng=`` and ``mode=``, are ignored,
     so they pass through ``serial`` and ``residual``):
 
-    - ``causal=False``: query i attends to keys j ≤ i only (positions counted from the start
-      of both sequences);
+    - ``causal`` (default: the constructor's): query i attends to keys j ≤ i only (positions
+      counted from the start of both sequences);
     - ``mask=None``: a key-padding mask (B, S), ``True`` = attend.
 
     A query row with no key to attend to (all masked) outputs o = 0, so y = b_o, and passes
@@ -296,11 +299,14 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None, out_dim: int
         y = o @ params["out"]["w"] + params["out"]["b"]
         return y, (x, c, cross, q, k, v, o, stats, causal, mask)
 
-    def apply(params, inputs, *, causal: bool = False, mask: Array | None = None, **kwargs):
-        return forward(params, inputs, causal, mask)[0]
+    default_causal = causal
 
-    def fwd(params, inputs, *, causal: bool = False, mask: Array | None = None, **kwargs):
-        return forward(params, inputs, causal, mask)
+    def apply(params, inputs, *, causal: bool | None = None, mask: Array | None = None,
+              **kwargs):
+        return forward(params, inputs, default_causal if causal is None else causal, mask)[0]
+
+    def fwd(params, inputs, *, causal: bool | None = None, mask: Array | None = None, **kwargs):
+        return forward(params, inputs, default_causal if causal is None else causal, mask)
 
     def bwd(params, residuals, g):
         x, c, cross, q, k, v, o, stats, causal, mask = residuals
@@ -327,7 +333,7 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None, out_dim: int
 
     return Layer(init, apply, kind=kind, label=label, fwd=fwd, bwd=bwd, name=name,
                  config={"num_heads": num_heads, "head_dim": head_dim, "out_dim": out_dim,
-                         "backward": backward, "block_size": block_size})
+                         "backward": backward, "block_size": block_size, "causal": causal})
 
 
 # --- the transformer block -----------------------------------------------------------
@@ -335,7 +341,7 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None, out_dim: int
 @recorded
 def TransformerBlock(num_heads: int, head_dim: int | None, mlp_dim: int, dim: int | None = None,
                      backward: str = "store", block_size: int = 128,
-                     epsilon: float = 1e-5) -> Layer:
+                     epsilon: float = 1e-5, causal: bool = False) -> Layer:
     """A pre-norm transformer block on (B, T, dim):
 
         x ← x + MultiHeadAttention(LayerNorm(x))
@@ -346,7 +352,7 @@ def TransformerBlock(num_heads: int, head_dim: int | None, mlp_dim: int, dim: in
     ``dim`` (the model width) defaults to ``num_heads · head_dim``; with ``head_dim=None`` it
     must be given, and the heads are dim / num_heads wide. ``causal=`` and ``mask=`` passed to
     apply reach the attention through ``serial`` and ``residual``; ``backward`` and
-    ``block_size`` are the attention's (:func:`MultiHeadAttention`).
+    ``block_size`` and ``causal`` (the default) are the attention's (:func:`MultiHeadAttention`).
 
     Params: ``{"residual_0": {"layer_norm_0", "attention_0"}, "residual_1": {"layer_norm_0",
     "dense_0", "dense_1"}}``.
@@ -360,7 +366,7 @@ def TransformerBlock(num_heads: int, head_dim: int | None, mlp_dim: int, dim: in
     if head_dim is None and (not isinstance(dim, int) or dim % num_heads):
         raise ValueError(f"TransformerBlock: num_heads={num_heads} must divide dim={dim!r}")
     attention = MultiHeadAttention(num_heads, head_dim, out_dim=dim, backward=backward,
-                                   block_size=block_size)
+                                   block_size=block_size, causal=causal)
     body = serial(residual(LayerNorm(epsilon), attention),
                   residual(LayerNorm(epsilon), Dense(mlp_dim), Gelu, Dense(dim)))
     label = f"TransformerBlock({num_heads}, {head_dim}, {mlp_dim})"
@@ -376,5 +382,6 @@ def TransformerBlock(num_heads: int, head_dim: int | None, mlp_dim: int, dim: in
         body, init=lambda rng, shape: init(rng, shape)[:2],
         composite=body.composite._replace(init=init), kind="transformer_block", label=label,
         config={"num_heads": num_heads, "head_dim": head_dim, "mlp_dim": mlp_dim, "dim": dim,
-                "backward": backward, "block_size": block_size, "epsilon": epsilon})
+                "backward": backward, "block_size": block_size, "epsilon": epsilon,
+                "causal": causal})
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from . import activations as acts
 from .layers import Dense, Dropout, elementwise
+from .norms import BatchNorm
 from .protocol import (
     Composite,
     Context,
@@ -519,8 +520,8 @@ def _activation_layer(activation: str | Callable) -> Layer:
 @recorded
 def mlp(hidden_widths: Sequence[int], out_dim: int, activation: str | Callable = "relu",
         output_activation: str | Callable | None = None, *, dropout: float = 0.0,
-        remat: bool | Callable = False, remat_every: int | None = None,
-        name: str | None = None) -> Layer:
+        batch_norm: bool = False, remat: bool | Callable = False,
+        remat_every: int | None = None, name: str | None = None) -> Layer:
     """A deep multilayer perceptron.
 
     serial(Dense(h₁), f, Dense(h₂), f, …, Dense(out_dim), g) with f the hidden
@@ -530,7 +531,8 @@ def mlp(hidden_widths: Sequence[int], out_dim: int, activation: str | Callable =
     is ``len(hidden_widths)``, its width ``max(hidden_widths + [out_dim])``.
     ``dropout``: the probability of dropping a hidden unit; > 0 puts a
     :func:`Dropout` after every hidden f (apply then needs ``rng=`` in training).
-    ``remat``/``remat_every``: see :func:`serial`.
+    ``batch_norm``: a :func:`~jaxnet.BatchNorm` after every hidden Dense, before f (the
+    net then keeps model state). ``remat``/``remat_every``: see :func:`serial`.
 
     >>> net = mlp([50, 50], 10, "relu", "softmax", dropout=0.1)
     """
@@ -547,7 +549,8 @@ def mlp(hidden_widths: Sequence[int], out_dim: int, activation: str | Callable =
                          f"[0, 1), got {dropout!r}")
     layers: list[Any] = []
     for w in widths:
-        layers += [Dense(w), hidden] + ([Dropout(dropout)] if dropout else [])
+        layers += [Dense(w)] + ([BatchNorm()] if batch_norm else []) + [hidden]
+        layers += [Dropout(dropout)] if dropout else []
     layers.append(Dense(out_dim))
     if output is not None:
         layers.append(output)

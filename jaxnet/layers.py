@@ -56,6 +56,7 @@ __all__ = [
     "Softmax",
     "LogSoftmax",
     "Flatten",
+    "Reshape",
     "Dropout",
     "LayerNorm",
     "label_of",
@@ -276,6 +277,44 @@ def _flatten_bwd(params, shape, g):
 Flatten = singleton(Layer(_flatten_init, _flatten_apply, _flatten_fwd, _flatten_bwd,
                           kind="flatten", label="Flatten"), __name__, "Flatten")
 # Flatten every axis but the first: (n, d₁, …, d_k) → (n, d₁·…·d_k); backward: reshape back.
+
+
+# --- Reshape -----------------------------------------------------------------
+
+@recorded
+def Reshape(shape: tuple[int, ...], name: str | None = None) -> Layer:
+    """Reshape each example: (n, d₁, …, d_k) → (n, *shape), e.g. a flat 64-pixel row to an
+    8×8×1 image for a convolution (``Reshape((8, 8, 1))``). One entry may be -1.
+    Backward: the gradient reshaped back to the input's shape."""
+    shape = tuple(int(d) for d in shape)
+    if sum(d == -1 for d in shape) > 1 or any(d == 0 or d < -1 for d in shape):
+        raise ValueError(f"Reshape needs positive sizes and at most one -1, got {shape}")
+    label = f"Reshape({shape})"
+
+    def target(in_shape):
+        size = math.prod(in_shape[1:])
+        known = math.prod(d for d in shape if d != -1)
+        if (size % known if -1 in shape else size != known):
+            raise ShapeError(f"{label} cannot hold examples of shape {tuple(in_shape[1:])} "
+                             f"({size} values)")
+        return tuple(size // known if d == -1 else d for d in shape)
+
+    def init(rng, input_shape):
+        if len(input_shape) < 1:
+            raise ShapeError(f"{label} needs a batch axis, got input shape {tuple(input_shape)}")
+        return (input_shape[0],) + target(input_shape), {}
+
+    def apply(params, inputs, **kwargs):
+        return inputs.reshape((inputs.shape[0],) + target(inputs.shape))
+
+    def fwd(params, inputs, **kwargs):
+        return apply(params, inputs), inputs.shape
+
+    def bwd(params, in_shape, g):
+        return {}, g.reshape(in_shape)
+
+    return Layer(init, apply, fwd, bwd, kind="reshape", label=label, name=name,
+                 config={"shape": shape})
 
 
 # --- Dropout ---------------------------------------------------------------

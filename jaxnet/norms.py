@@ -194,6 +194,10 @@ def BatchNorm(momentum: float = 0.9, epsilon: float = 1e-5,
         if x.ndim < 2 or x.shape[-1] != params["scale"].shape[0]:
             raise ShapeError(f"BatchNorm expects inputs of shape (N, ..., "
                              f"{params['scale'].shape[0]}), got {tuple(x.shape)}")
+        if not (isinstance(state, dict) and {"mean", "var"} <= set(state)):
+            raise StatefulLayerError(f"BatchNorm needs its model state {{'mean', 'var'}}, got "
+                                     f"{sorted(state) if isinstance(state, dict) else state!r}"
+                                     f" (from init_with_state)")
         axes = tuple(range(x.ndim - 1))
         if mode == "train":
             mean = jnp.mean(x, axes)

@@ -445,3 +445,41 @@ def test_a_second_writer_of_a_checkpoint_directory_is_refused(tmp_path):
     assert done.stderr.count("\n") == 1 and f"{ckpt} is in use by another run (pid " \
         f"{os.getpid()}" in done.stderr, done.stderr
     assert os.listdir(ckpt) == []
+
+
+# --- models: --model cnn / transformer, --batch-norm (issues 11 and 12) ---------------
+
+@pytest.mark.parametrize("args", [
+    ["--model", "cnn", "--data", "mnist1d"],
+    ["--model", "cnn", "--data", "digits", "--batch-norm"],
+    ["--model", "transformer", "--data", "mnist1d"],
+    ["--batch-norm", "--hidden", "12"],
+], ids=["cnn-mnist1d", "cnn-bn-digits", "transformer-mnist1d", "mlp-bn"])
+def test_every_model_trains_and_reports_its_shape(args, tmp_path):
+    report = tmp_path / "r.json"
+    assert cli.main(["train", "--quiet", "--epochs", "1", "--batch-size", "128", "--lr", "3e-3",
+                     *args, "--report", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["config"]["model"] == (args[1] if args[0] == "--model" else "mlp")
+    assert r["config"]["batch_norm"] == ("--batch-norm" in args)
+    assert r["test_accuracy"] > 0.15  # one short epoch: better than chance (0.1)
+
+
+def test_a_batch_norm_run_resumes_to_the_same_result_with_its_running_statistics(tmp_path):
+    straight, resumed = tmp_path / "s.json", tmp_path / "r.json"
+    ckpt = str(tmp_path / "ckpt")
+    common = ["--batch-norm", "--patience", "2"]
+    assert train(*common, "--epochs", "3", "--report", str(straight)) == 0
+    assert train(*common, "--epochs", "2", "--checkpoint-dir", ckpt) == 0
+    assert train(*common, "--epochs", "3", "--checkpoint-dir", ckpt, "--resume",
+                 "--report", str(resumed)) == 0
+    a, b = json.loads(straight.read_text()), json.loads(resumed.read_text())
+    assert a["test_loss"] == b["test_loss"] and a["history"] == {
+        k: v for k, v in b["history"].items()} | {"seconds": a["history"]["seconds"]}
+
+
+def test_model_flags_that_do_not_fit_are_refused(capsys):
+    assert train("--model", "cnn", "--data", "minimal") == 2
+    assert "classifier" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "transformer", "--batch-norm", "--data", "mnist1d"]) == 2
+    assert "--batch-norm is for" in capsys.readouterr().err
