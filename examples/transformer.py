@@ -27,8 +27,8 @@ loss falls steeply (rounding, amplified by training); with ``--x64`` they agree
 within 6.5e-14 over all 600 steps. About 95 s for both runs on a shared 2-core CPU.
 
 ``make_train_step``, ``make_epoch`` and ``manual_value_and_grad`` call the net
-with ``rng=`` and ``mode=`` only, so ``causal=True`` is fixed into the net by
-:func:`with_call_kwargs` (it reaches every attention through the combinators).
+with ``rng=`` and ``mode=`` only, so the blocks are built causal
+(``TransformerBlock(..., causal=True)``).
 
     python examples/transformer.py
     python examples/transformer.py --quick     # a few steps: the smoke test
@@ -37,7 +37,6 @@ with ``rng=`` and ``mode=`` only, so ``causal=True`` is fixed into the net by
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import time
 
 import jax
@@ -54,30 +53,13 @@ VOCAB = DIGITS + 1
 T = 2 * LENGTH  # inputs: 8 digits, SEP, 7 reversed digits (the last one is only a target)
 
 
-def with_call_kwargs(net: jaxnet.Layer, **fixed) -> jaxnet.Layer:
-    """``net`` with keyword arguments (e.g. ``causal=True``) added to every call: apply, the
-    manual forward pass, and the combinators' walks, which hand them to every child."""
-    walk = net.composite
-
-    def add(kwargs):
-        return {**kwargs, **fixed}
-
-    return dataclasses.replace(
-        net, recipe=None, label=f"{net.label} {fixed}",
-        apply=lambda params, inputs, **kw: net.apply(params, inputs, **add(kw)),
-        fwd=lambda params, inputs, **kw: net.fwd(params, inputs, **add(kw)),
-        composite=walk._replace(
-            apply=lambda params, state, inputs, kw: walk.apply(params, state, inputs, add(kw)),
-            forward=lambda params, state, inputs, kw, ctx: walk.forward(params, state, inputs,
-                                                                         add(kw), ctx)))
-
-
 def reverser(dim: int = 64, heads: int = 4, blocks: int = 2, mlp: int = 128) -> jaxnet.Layer:
     net = jaxnet.serial(
         jaxnet.Embedding(VOCAB, dim), jaxnet.PositionalEmbedding(T),
-        *[jaxnet.TransformerBlock(heads, dim // heads, mlp) for _ in range(blocks)],
+        *[jaxnet.TransformerBlock(heads, dim // heads, mlp, causal=True)
+          for _ in range(blocks)],
         jaxnet.LayerNorm(), jaxnet.Dense(VOCAB))
-    return with_call_kwargs(net, causal=True)
+    return net
 
 
 def make_data(n: int, rng: np.random.Generator, exclude: set | None = None):

@@ -76,3 +76,8 @@ def test_digits_cnn_example_trains_with_batchnorm():
     r = example("digits_cnn").main(["--seeds", "0", "--epochs", "1"])
     assert r["state_count"] == 256 and r["epochs_run"] == [1]
     assert r["test_accuracy"][0] > 0.5
+
+
+def test_custom_layer_is_checked_and_trains_with_manual_gradients():
+    out = example("custom_layer").main()
+    assert out["check_passed"] and out["accuracy"] > 0.9
