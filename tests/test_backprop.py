@@ -139,8 +139,9 @@ def check_random_network(case, dtype, rtol):
 
 
 # Each example compiles three small programs (problem, manual, autodiff): 1-4 s on two
-# shared CPU cores. The example counts keep this file near a minute.
-@settings(max_examples=6, deadline=None)
+# shared CPU cores. The example counts keep this file near a minute (tests/test_backprop_layers.py
+# draws more nets, with convolutions and attention).
+@settings(max_examples=4, deadline=None)
 @given(networks())
 def test_random_networks_agree_with_jax_grad_in_float64(case):
     value, ref_value = check_random_network(case, jnp.float64, 1e-10)
