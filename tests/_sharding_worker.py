@@ -91,6 +91,21 @@ def single_host(n_devices, out_path, tmp, full):
         manual = run_steps(mstep, sharding.shard_state(fresh_state(net, opt), mesh), xs, ys)
         result["dp_manual_diff"] = max_diff(host(manual.params), host(reference.params))
 
+        # BatchNorm on the mesh: its batch statistics are over the global batch (the
+        # running statistics and params match one device's), with either backward pass.
+        # SGD, not Adam: the bias before a BatchNorm has gradient 0 up to rounding, which
+        # Adam's g/√v would turn into ±lr steps of either sign.
+        bn_net, sgd = jaxnet.mlp([32], 4, "tanh", batch_norm=True), optax.sgd(0.1)
+        bn_ref = run_steps(train.make_train_step(bn_net, loss, sgd),
+                           fresh_state(bn_net, sgd), xs, ys)
+        for grad in ("auto", "manual"):
+            bn_step = train.make_train_step(bn_net, loss, sgd, grad, mesh=mesh)
+            bn = run_steps(bn_step, sharding.shard_state(fresh_state(bn_net, sgd), mesh), xs, ys,
+                           put=lambda v: sharding.shard_batch(mesh, v))
+            result[f"bn_{grad}_diff"] = max(
+                max_diff(host(bn.params), host(bn_ref.params)),
+                max_diff(host(bn.model_state), host(bn_ref.model_state)))
+
     # tensor parallel: hidden Dense weights split over 'model'
     tp_mesh = sharding.make_mesh(model=2)
     rules = sharding.dense_rules(r"dense_[01]")

@@ -65,6 +65,11 @@ def test_manual_gradients_shard_the_same_way(run):
     assert run["dp_manual_diff"] < TOL
 
 
+def test_batch_norm_statistics_are_over_the_global_batch(run):
+    _needs_full(run)
+    assert run["bn_auto_diff"] < TOL and run["bn_manual_diff"] < TOL
+
+
 def test_tensor_parallel_step_shards_wide_dense_weights_by_name(run):
     tp = run["tp"]
     assert tp["mesh"] == {"data": run["devices"] // 2, "model": 2}
