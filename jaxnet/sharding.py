@@ -43,7 +43,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-__all__ = ["DATA", "MODEL", "Rule", "make_mesh", "dense_rules", "wide_dense_rules",
+__all__ = ["DATA", "MODEL", "Rule", "make_mesh", "dense_rules", "attention_rules",
+           "wide_dense_rules",
            "param_specs", "state_shardings", "shard_state", "shard_batch", "global_rows",
            "shard_step",
            "initialize_distributed", "add_distributed_args", "process_rows", "save_sharded",
@@ -81,6 +82,19 @@ def dense_rules(pattern: str = r"dense_\d+") -> tuple[Rule, ...]:
     """
     re.compile(pattern)
     return ((rf"{pattern}/w", P(None, MODEL)), (rf"{pattern}/b", P(MODEL)))
+
+
+def attention_rules(pattern: str = r"attention_\d+") -> tuple[Rule, ...]:
+    """Shard the :func:`~jaxnet.MultiHeadAttention` layers named by ``pattern`` over
+    ``"model"`` by heads (Megatron's split): the query, key and value projections
+    column-wise (each device computes whole heads), the output projection row-wise, its
+    bias replicated; the attention itself then needs no communication, and the output
+    projection one all-reduce. ``model`` must divide num_heads·head_dim.
+    """
+    re.compile(pattern)
+    qkv = rf"{pattern}/(query|key|value)"
+    return ((rf"{qkv}/w", P(None, MODEL)), (rf"{qkv}/b", P(MODEL)),
+            (rf"{pattern}/out/w", P(MODEL, None)))
 
 
 def wide_dense_rules(params: Any, model: int, min_width: int = 512) -> tuple[Rule, ...]:

@@ -10,11 +10,13 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
+import jaxnet
 from jaxnet import sharding
 
 WORKER = os.path.join(os.path.dirname(__file__), "_sharding_worker.py")
@@ -206,6 +208,16 @@ def test_rules_match_parameter_paths_and_the_optimizer_state_follows():
     assert specs["params"]["dense_0"]["w"] == P(None, "model")
     assert specs["opt_state"]["mu"]["dense_0"]["b"] == P("model")
     assert specs["params"]["dense_1"]["w"] == P()
+
+
+def test_attention_rules_split_the_heads_of_a_transformer_block():
+    block = jaxnet.TransformerBlock(4, 16, 128)
+    params = jax.eval_shape(lambda k: block.init(k, (-1, 8, 64))[1], jax.random.key(0))
+    specs = sharding.param_specs(params, MESH, sharding.attention_rules())
+    att = specs["residual_0"]["attention_0"]
+    assert att["query"]["w"] == att["key"]["w"] == att["value"]["w"] == P(None, "model")
+    assert att["query"]["b"] == P("model") and att["out"]["w"] == P("model", None)
+    assert att["out"]["b"] == P() and specs["residual_1"]["dense_0"]["w"] == P()
 
 
 def test_wide_dense_rules_pick_layers_by_width():
