@@ -477,6 +477,597 @@ BUILDERS: dict[str, Callable] = {
 }
 
 
+# =============================================================================
+# Bigger nets: a 2-d conv net with BatchNorm and pooling, and a transformer stack
+# =============================================================================
+#
+# Every variant below is the same math as the pure-JAX reference: the same layer sizes, the
+# same BatchNorm (train mode: batch mean and biased variance over N·H·W per channel,
+# ε = 1e-5, running statistics m ← 0.9·m + 0.1·μ carried in the step's state), the same
+# attention (separate q/k/v/out projections with biases, softmax(qkᵀ/√d_h)), pre-norm
+# blocks with LayerNorm ε = 1e-5 and a tanh-approximate GELU, Adam 1e-3 on every parameter.
+# Initialisers are each library's defaults where they are of the same scale.
+
+NET_CONFIGS: dict[str, dict] = {
+    # conv 3×3 32 → BN → ReLU → maxpool 2 → conv 3×3 64 → BN → ReLU → maxpool 2 → mean → dense
+    "cnn": {"kind": "cnn", "batch": 128, "hw": 32, "in_chan": 3, "chans": (32, 64),
+            "classes": 10},
+    # 4 pre-norm blocks, width 256, 4 heads of 64, MLP 1024, T = 256, mean over T → dense
+    "transformer": {"kind": "transformer", "batch": 16, "T": 256, "dim": 256, "heads": 4,
+                    "depth": 4, "mlp": 1024, "classes": 10},
+}
+NET_VARIANTS = ["pure_jax", "pure_jax_again", "jaxnet_auto", "jaxnet_manual", "flax_linen",
+                "flax_nnx_jit", "flax_nnx_split", "equinox_filter_jit", "equinox_jit", "haiku",
+                "torch_eager", "torch_compile"]
+BN_MOMENTUM, EPS = 0.9, 1e-5
+
+
+def net_describe(cfg) -> str:
+    if cfg["kind"] == "cnn":
+        c1, c2 = cfg["chans"]
+        return (f"{cfg['hw']}x{cfg['hw']}x{cfg['in_chan']} conv3x3 {c1}-BN-ReLU-maxpool2-conv3x3 "
+                f"{c2}-BN-ReLU-maxpool2-mean-dense {cfg['classes']}, batch {cfg['batch']}")
+    return (f"{cfg['depth']} pre-norm blocks, width {cfg['dim']}, {cfg['heads']} heads, MLP "
+            f"{cfg['mlp']}, T = {cfg['T']}, mean-dense {cfg['classes']}, batch {cfg['batch']}")
+
+
+def net_flops(cfg) -> int:
+    """6 · (multiply-adds of the convolutions / matmuls per step's forward pass) / 2 · 2: the
+    forward pass's 2·MACs and the backward pass's 4·MACs (input and weight gradients)."""
+    b = cfg["batch"]
+    if cfg["kind"] == "cnn":
+        hw, cin, (c1, c2), k = cfg["hw"], cfg["in_chan"], cfg["chans"], cfg["classes"]
+        macs = hw * hw * 9 * cin * c1 + (hw // 2) ** 2 * 9 * c1 * c2 + c2 * k
+        return 6 * b * macs
+    t, d, m = cfg["T"], cfg["dim"], cfg["mlp"]
+    per_block = t * (4 * d * d + 2 * d * m) + 2 * t * t * d  # projections, MLP, qkᵀ and p·v
+    return 6 * b * (cfg["depth"] * per_block + d * cfg["classes"])
+
+
+def net_data(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    b = cfg["batch"]
+    if cfg["kind"] == "cnn":
+        shape = (b, cfg["hw"], cfg["hw"], cfg["in_chan"])  # NHWC (PyTorch gets it as NCHW)
+    else:
+        shape = (b, cfg["T"], cfg["dim"])
+    x = rng.standard_normal(shape, dtype=np.float32)
+    y = rng.integers(0, cfg["classes"], size=(b,)).astype(np.int32)
+    return x, y
+
+
+def state_runner(step, state, x, y):
+    """Runner for a jitted ``step(*state, x, y) -> (*state, loss)``, every state part donated."""
+    k = len(state)
+    jstep = jax.jit(step, donate_argnums=tuple(range(k)))
+    state = list(state)
+
+    def run(n):
+        loss = None
+        for _ in range(n):
+            *new, loss = jstep(*state, x, y)
+            state[:] = new
+        return sync(loss)
+
+    return run
+
+
+def stateful_optax_step(apply_fn, opt):
+    """``apply_fn(params, model_state, x) -> (logits, new_model_state)``; the step shared by the
+    pure-JAX, linen and haiku nets."""
+
+    def step(params, model_state, opt_state, x, y):
+        def objective(p):
+            logits, new_ms = apply_fn(p, model_state, x)
+            return ce(logits, y), new_ms
+
+        (loss, model_state), g = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), model_state, opt_state, loss
+
+    return step
+
+
+# --- pure JAX -----------------------------------------------------------------
+
+def _dense_init(key, m, n):
+    return {"w": jax.nn.initializers.lecun_normal()(key, (m, n), jnp.float32),
+            "b": jnp.zeros((n,), jnp.float32)}
+
+
+def _norm_init(c):
+    return {"scale": jnp.ones((c,), jnp.float32), "bias": jnp.zeros((c,), jnp.float32)}
+
+
+def pure_net_init(key, cfg):
+    """(params, model_state) of the hand-written net."""
+    keys = iter(jax.random.split(key, 64))
+    if cfg["kind"] == "cnn":
+        c_in, params, ms = cfg["in_chan"], {}, {}
+        for i, c in enumerate(cfg["chans"]):
+            params[f"conv{i}"] = {"w": jax.nn.initializers.lecun_normal()(
+                next(keys), (3, 3, c_in, c), jnp.float32), "b": jnp.zeros((c,), jnp.float32)}
+            params[f"bn{i}"] = _norm_init(c)
+            ms[f"bn{i}"] = {"mean": jnp.zeros((c,), jnp.float32),
+                            "var": jnp.ones((c,), jnp.float32)}
+            c_in = c
+        params["head"] = _dense_init(next(keys), c_in, cfg["classes"])
+        return params, ms
+    d, m = cfg["dim"], cfg["mlp"]
+    blocks = [{"ln1": _norm_init(d), "q": _dense_init(next(keys), d, d),
+               "k": _dense_init(next(keys), d, d), "v": _dense_init(next(keys), d, d),
+               "o": _dense_init(next(keys), d, d), "ln2": _norm_init(d),
+               "mlp1": _dense_init(next(keys), d, m), "mlp2": _dense_init(next(keys), m, d)}
+              for _ in range(cfg["depth"])]
+    return {"blocks": blocks, "head": _dense_init(next(keys), d, cfg["classes"])}, {}
+
+
+def _batch_norm(p, s, x):
+    mean = jnp.mean(x, (0, 1, 2))
+    var = jnp.mean(jnp.square(x - mean), (0, 1, 2))
+    y = (x - mean) * jax.lax.rsqrt(var + EPS) * p["scale"] + p["bias"]
+    new = {"mean": BN_MOMENTUM * s["mean"] + (1 - BN_MOMENTUM) * jax.lax.stop_gradient(mean),
+           "var": BN_MOMENTUM * s["var"] + (1 - BN_MOMENTUM) * jax.lax.stop_gradient(var)}
+    return y, new
+
+
+def _max_pool2(x):
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def _layer_norm(p, x):
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + EPS) * p["scale"] + p["bias"]
+
+
+def _attention(p, x, heads):
+    b, t, d = x.shape
+    q, k, v = ((x @ p[n]["w"] + p[n]["b"]).reshape(b, t, heads, d // heads) for n in "qkv")
+    s = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(jnp.float32(d // heads))
+    o = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(s, -1), v).reshape(b, t, d)
+    return o @ p["o"]["w"] + p["o"]["b"]
+
+
+def pure_net_apply(cfg):
+    """``apply(params, model_state, x) -> (logits, new_model_state)``."""
+    if cfg["kind"] == "cnn":
+        def apply(params, ms, x):
+            new = {}
+            for i in range(len(cfg["chans"])):
+                c = params[f"conv{i}"]
+                x = jax.lax.conv_general_dilated(x, c["w"], (1, 1), "SAME",
+                                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                x, new[f"bn{i}"] = _batch_norm(params[f"bn{i}"], ms[f"bn{i}"], x + c["b"])
+                x = _max_pool2(jax.nn.relu(x))
+            x = jnp.mean(x, (1, 2))
+            return x @ params["head"]["w"] + params["head"]["b"], new
+        return apply
+
+    def apply(params, ms, x):
+        for p in params["blocks"]:
+            x = x + _attention(p, _layer_norm(p["ln1"], x), cfg["heads"])
+            h = jax.nn.gelu(_layer_norm(p["ln2"], x) @ p["mlp1"]["w"] + p["mlp1"]["b"])
+            x = x + h @ p["mlp2"]["w"] + p["mlp2"]["b"]
+        x = jnp.mean(x, 1)
+        return x @ params["head"]["w"] + params["head"]["b"], ms
+    return apply
+
+
+def make_net_pure_jax(cfg, x, y):
+    opt = optax.adam(LR)
+    params, ms = pure_net_init(jax.random.key(0), cfg)
+    return state_runner(stateful_optax_step(pure_net_apply(cfg), opt),
+                        (params, ms, opt.init(params)), x, y)
+
+
+# --- jaxnet -------------------------------------------------------------------
+
+def jaxnet_net(cfg):
+    import jaxnet
+    if cfg["kind"] == "cnn":
+        layers = []
+        for c in cfg["chans"]:
+            layers += [jaxnet.Conv2D(c, 3, W_init=jax.nn.initializers.lecun_normal()),
+                       jaxnet.BatchNorm(BN_MOMENTUM, EPS), jaxnet.Relu,
+                       jaxnet.MaxPool((2, 2), (2, 2))]
+        return jaxnet.serial(*layers, jaxnet.GlobalAvgPool, jaxnet.Dense(cfg["classes"]))
+    d, h = cfg["dim"], cfg["heads"]
+    blocks = [jaxnet.TransformerBlock(h, d // h, cfg["mlp"], epsilon=EPS)
+              for _ in range(cfg["depth"])]
+    return jaxnet.serial(*blocks, jaxnet.GlobalAvgPool, jaxnet.Dense(cfg["classes"]))
+
+
+def make_net_jaxnet(grad):
+    def make(cfg, x, y):
+        import jaxnet
+        train = _jaxnet_train()
+        net = jaxnet_net(cfg)
+        step = train.make_train_step(net, jaxnet.softmax_cross_entropy, optax.adam(LR),
+                                     grad=grad)
+        state = [train.init_state(net, optax.adam(LR), jax.random.key(0),
+                                  (-1,) + tuple(x.shape[1:]), dtype=jnp.float32)]
+
+        def run(n):
+            s, out = state[0], None
+            for _ in range(n):
+                s, out = step(s, x, y)
+            state[0] = s
+            return sync(out)
+
+        return run
+
+    return make
+
+
+# --- Flax linen ---------------------------------------------------------------
+
+def make_net_flax_linen(cfg, x, y):
+    try:
+        import flax.linen as nn
+    except ImportError as e:
+        raise Skip(str(e)) from None
+
+    if cfg["kind"] == "cnn":
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                for c in cfg["chans"]:
+                    x = nn.Conv(c, (3, 3), padding="SAME")(x)
+                    x = nn.BatchNorm(use_running_average=False, momentum=BN_MOMENTUM,
+                                     epsilon=EPS)(x)
+                    x = nn.max_pool(nn.relu(x), (2, 2), (2, 2))
+                return nn.Dense(cfg["classes"])(jnp.mean(x, (1, 2)))
+    else:
+        class Net(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                d = cfg["dim"]
+                for _ in range(cfg["depth"]):
+                    x = x + nn.MultiHeadDotProductAttention(cfg["heads"], qkv_features=d)(
+                        nn.LayerNorm(EPS)(x))
+                    h = nn.gelu(nn.Dense(cfg["mlp"])(nn.LayerNorm(EPS)(x)))
+                    x = x + nn.Dense(d)(h)
+                return nn.Dense(cfg["classes"])(jnp.mean(x, 1))
+
+    model = Net()
+    variables = model.init(jax.random.key(0), x)
+    params = variables["params"]
+    ms = {k: v for k, v in variables.items() if k != "params"}
+
+    def apply(p, ms, x):
+        if not ms:
+            return model.apply({"params": p}, x), ms
+        return model.apply({"params": p, **ms}, x, mutable=list(ms))
+
+    opt = optax.adam(LR)
+    return state_runner(stateful_optax_step(apply, opt), (params, ms, opt.init(params)), x, y)
+
+
+# --- Haiku --------------------------------------------------------------------
+
+def make_net_haiku(cfg, x, y):
+    try:
+        import haiku as hk
+    except ImportError as e:
+        raise Skip(str(e)) from None
+
+    def forward(x):
+        if cfg["kind"] == "cnn":
+            for c in cfg["chans"]:
+                x = hk.Conv2D(c, 3, padding="SAME")(x)
+                x = hk.BatchNorm(True, True, BN_MOMENTUM, EPS)(x, is_training=True)
+                x = hk.max_pool(jax.nn.relu(x), (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+            return hk.Linear(cfg["classes"])(jnp.mean(x, (1, 2)))
+        d, h = cfg["dim"], cfg["heads"]
+        for _ in range(cfg["depth"]):
+            a = hk.LayerNorm(-1, True, True, eps=EPS)(x)
+            x = x + hk.MultiHeadAttention(h, d // h, w_init=hk.initializers.VarianceScaling())(
+                a, a, a)
+            m = jax.nn.gelu(hk.Linear(cfg["mlp"])(hk.LayerNorm(-1, True, True, eps=EPS)(x)))
+            x = x + hk.Linear(d)(m)
+        return hk.Linear(cfg["classes"])(jnp.mean(x, 1))
+
+    model = hk.without_apply_rng(hk.transform_with_state(forward))
+    params, ms = model.init(jax.random.key(0), x)
+    opt = optax.adam(LR)
+    return state_runner(stateful_optax_step(model.apply, opt), (params, ms, opt.init(params)),
+                        x, y)
+
+
+# --- Flax NNX -----------------------------------------------------------------
+
+def _nnx_net(cfg):
+    try:
+        import flax.linen as nn
+        from flax import nnx
+    except ImportError as e:
+        raise Skip(str(e)) from None
+    rngs = nnx.Rngs(0)
+
+    if cfg["kind"] == "cnn":
+        class Net(nnx.Module):
+            def __init__(self):
+                c_in, convs, norms = cfg["in_chan"], [], []
+                for c in cfg["chans"]:
+                    convs.append(nnx.Conv(c_in, c, (3, 3), padding="SAME", rngs=rngs))
+                    norms.append(nnx.BatchNorm(c, momentum=BN_MOMENTUM, epsilon=EPS,
+                                               use_running_average=False, rngs=rngs))
+                    c_in = c
+                self.convs, self.norms = nnx.List(convs), nnx.List(norms)
+                self.head = nnx.Linear(c_in, cfg["classes"], rngs=rngs)
+
+            def __call__(self, x):
+                for conv, norm in zip(self.convs, self.norms, strict=True):
+                    x = nn.max_pool(nnx.relu(norm(conv(x))), (2, 2), (2, 2))
+                return self.head(jnp.mean(x, (1, 2)))
+    else:
+        d = cfg["dim"]
+
+        class Block(nnx.Module):
+            def __init__(self):
+                self.ln1 = nnx.LayerNorm(d, epsilon=EPS, rngs=rngs)
+                self.attn = nnx.MultiHeadAttention(cfg["heads"], d, d, decode=False, rngs=rngs)
+                self.ln2 = nnx.LayerNorm(d, epsilon=EPS, rngs=rngs)
+                self.mlp1 = nnx.Linear(d, cfg["mlp"], rngs=rngs)
+                self.mlp2 = nnx.Linear(cfg["mlp"], d, rngs=rngs)
+
+            def __call__(self, x):
+                x = x + self.attn(self.ln1(x))
+                return x + self.mlp2(nnx.gelu(self.mlp1(self.ln2(x))))
+
+        class Net(nnx.Module):
+            def __init__(self):
+                self.blocks = nnx.List([Block() for _ in range(cfg["depth"])])
+                self.head = nnx.Linear(d, cfg["classes"], rngs=rngs)
+
+            def __call__(self, x):
+                for block in self.blocks:
+                    x = block(x)
+                return self.head(jnp.mean(x, 1))
+
+    model = Net()
+    optimizer = nnx.Optimizer(model, optax.adam(LR), wrt=nnx.Param)
+
+    def train_step(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: ce(m(x), y))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    return nnx, model, optimizer, train_step
+
+
+def make_net_flax_nnx_jit(cfg, x, y):
+    nnx, model, optimizer, train_step = _nnx_net(cfg)
+    step = nnx.jit(train_step, donate_argnums=(0, 1))
+
+    def run(n):
+        loss = None
+        for _ in range(n):
+            loss = step(model, optimizer, x, y)
+        return sync(loss)
+
+    return run
+
+
+def make_net_flax_nnx_split(cfg, x, y):
+    nnx, model, optimizer, train_step = _nnx_net(cfg)
+    graphdef, state0 = nnx.split((model, optimizer))
+
+    @partial(jax.jit, donate_argnums=0)
+    def step(state, x, y):
+        model, optimizer = nnx.merge(graphdef, state)
+        loss = train_step(model, optimizer, x, y)
+        return nnx.state((model, optimizer)), loss
+
+    state = [state0]
+
+    def run(n):
+        loss = None
+        for _ in range(n):
+            state[0], loss = step(state[0], x, y)
+        return sync(loss)
+
+    return run
+
+
+# --- Equinox ------------------------------------------------------------------
+
+def _eqx_net(cfg):
+    """(eqx, model, model_state, opt, step) with ``step(model, model_state, opt_state, x, y)``.
+
+    Equinox layers see one example (its convolutions are channels-first, (C, H, W)): the net is
+    ``jax.vmap``-ed over the batch, BatchNorm averaging over the vmapped axis "batch"."""
+    try:
+        import equinox as eqx
+    except ImportError as e:
+        raise Skip(str(e)) from None
+    keys = iter(jax.random.split(jax.random.key(0), 64))
+
+    if cfg["kind"] == "cnn":
+        class Net(eqx.Module):
+            convs: list
+            norms: list
+            head: eqx.nn.Linear
+
+            def __init__(self):
+                c_in, self.convs, self.norms = cfg["in_chan"], [], []
+                for c in cfg["chans"]:
+                    self.convs.append(eqx.nn.Conv2d(c_in, c, 3, padding="SAME", key=next(keys)))
+                    self.norms.append(eqx.nn.BatchNorm(c, "batch", eps=EPS,
+                                                       momentum=BN_MOMENTUM, mode="batch"))
+                    c_in = c
+                self.head = eqx.nn.Linear(c_in, cfg["classes"], key=next(keys))
+
+            def __call__(self, x, state):
+                x = jnp.transpose(x, (2, 0, 1))  # HWC → CHW
+                for conv, norm in zip(self.convs, self.norms, strict=True):
+                    x, state = norm(conv(x), state)
+                    x = eqx.nn.MaxPool2d(2, 2)(jax.nn.relu(x))
+                return self.head(jnp.mean(x, (1, 2))), state
+    else:
+        d = cfg["dim"]
+
+        class Block(eqx.Module):
+            ln1: eqx.nn.LayerNorm
+            attn: eqx.nn.MultiheadAttention
+            ln2: eqx.nn.LayerNorm
+            mlp1: eqx.nn.Linear
+            mlp2: eqx.nn.Linear
+
+            def __init__(self):
+                self.ln1 = eqx.nn.LayerNorm(d, eps=EPS)
+                self.attn = eqx.nn.MultiheadAttention(cfg["heads"], d, use_query_bias=True,
+                                                      use_key_bias=True, use_value_bias=True,
+                                                      use_output_bias=True, key=next(keys))
+                self.ln2 = eqx.nn.LayerNorm(d, eps=EPS)
+                self.mlp1 = eqx.nn.Linear(d, cfg["mlp"], key=next(keys))
+                self.mlp2 = eqx.nn.Linear(cfg["mlp"], d, key=next(keys))
+
+            def __call__(self, x):  # (T, d)
+                a = jax.vmap(self.ln1)(x)
+                x = x + self.attn(a, a, a)
+                h = jax.vmap(lambda r: self.mlp2(jax.nn.gelu(self.mlp1(self.ln2(r)))))(x)
+                return x + h
+
+        class Net(eqx.Module):
+            blocks: list
+            head: eqx.nn.Linear
+
+            def __init__(self):
+                self.blocks = [Block() for _ in range(cfg["depth"])]
+                self.head = eqx.nn.Linear(d, cfg["classes"], key=next(keys))
+
+            def __call__(self, x, state):
+                for block in self.blocks:
+                    x = block(x)
+                return self.head(jnp.mean(x, 0)), state
+
+    model, ms = eqx.nn.make_with_state(Net)()
+    opt = optax.adam(LR)
+
+    def step(model, ms, opt_state, x, y):
+        def objective(m):
+            logits, new_ms = jax.vmap(m, in_axes=(0, None), out_axes=(0, None),
+                                      axis_name="batch")(x, ms)
+            return ce(logits, y), new_ms
+
+        (loss, ms), grads = eqx.filter_value_and_grad(objective, has_aux=True)(model)
+        updates, opt_state = opt.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+        return eqx.apply_updates(model, updates), ms, opt_state, loss
+
+    return eqx, model, ms, opt, step
+
+
+def make_net_equinox_filter_jit(cfg, x, y):
+    eqx, model, ms, opt, step = _eqx_net(cfg)
+    jstep = eqx.filter_jit(lambda xy, *state: step(*state, *xy), donate="all-except-first")
+    state = [model, ms, opt.init(eqx.filter(model, eqx.is_array))]
+
+    def run(n):
+        loss = None
+        for _ in range(n):
+            *new, loss = jstep((x, y), *state)
+            state[:] = new
+        return sync(loss)
+
+    return run
+
+
+def make_net_equinox_jit(cfg, x, y):
+    eqx, model, ms, opt, step = _eqx_net(cfg)
+    params, static = eqx.partition(model, eqx.is_array)
+
+    def pstep(params, ms, opt_state, x, y):
+        m, ms, o, loss = step(eqx.combine(params, static), ms, opt_state, x, y)
+        return eqx.filter(m, eqx.is_array), ms, o, loss
+
+    return state_runner(pstep, (params, ms, opt.init(params)), x, y)
+
+
+# --- PyTorch ------------------------------------------------------------------
+
+def _torch_net(cfg, x, y):
+    try:
+        import torch
+    except ImportError as e:
+        raise Skip(f"{e} (pip install torch==2.13.0)") from None
+    nn = torch.nn
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    tx = torch.from_numpy(np.array(x))
+    if cfg["kind"] == "cnn":
+        tx = tx.permute(0, 3, 1, 2).contiguous()  # PyTorch's own layout: NCHW
+        layers, c_in = [], cfg["in_chan"]
+        for c in cfg["chans"]:
+            # PyTorch's momentum is the new value's weight: 0.1 = 1 − 0.9
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.BatchNorm2d(c, EPS, 1 - BN_MOMENTUM),
+                       nn.ReLU(), nn.MaxPool2d(2)]
+            c_in = c
+        model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                              nn.Linear(c_in, cfg["classes"]))
+    else:
+        d = cfg["dim"]
+
+        def gelu(a):
+            return nn.functional.gelu(a, approximate="tanh")
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.blocks = nn.ModuleList([nn.TransformerEncoderLayer(
+                    d, cfg["heads"], cfg["mlp"], dropout=0.0, activation=gelu,
+                    layer_norm_eps=EPS, batch_first=True, norm_first=True)
+                    for _ in range(cfg["depth"])])
+                self.head = nn.Linear(d, cfg["classes"])
+
+            def forward(self, x):
+                for block in self.blocks:
+                    x = block(x)
+                return self.head(x.mean(1))
+
+        model = Net()
+    model = model.to(dev).train()
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    return torch, model, opt, tx.to(dev), torch.from_numpy(
+        np.asarray(y).astype(np.int64)).to(dev)
+
+
+def make_net_torch_eager(cfg, x, y):
+    torch, model, opt, tx, ty = _torch_net(cfg, x, y)
+    return _torch_loop(opt, lambda: model(tx), ty, opt.step)
+
+
+def make_net_torch_compile(cfg, x, y):
+    torch, model, opt, tx, ty = _torch_net(cfg, x, y)
+    cmodel = torch.compile(model)
+
+    @torch.compile(fullgraph=False)
+    def opt_step():
+        opt.step()
+
+    return _torch_loop(opt, lambda: cmodel(tx), ty, opt_step)
+
+
+NET_BUILDERS: dict[str, Callable] = {
+    "pure_jax": make_net_pure_jax,
+    "pure_jax_again": make_net_pure_jax,
+    "jaxnet_auto": make_net_jaxnet("auto"),
+    "jaxnet_manual": make_net_jaxnet("manual"),
+    "flax_linen": make_net_flax_linen,
+    "flax_nnx_jit": make_net_flax_nnx_jit,
+    "flax_nnx_split": make_net_flax_nnx_split,
+    "equinox_filter_jit": make_net_equinox_filter_jit,
+    "equinox_jit": make_net_equinox_jit,
+    "haiku": make_net_haiku,
+    "torch_eager": make_net_torch_eager,
+    "torch_compile": make_net_torch_compile,
+}
+
+
 # --- timing -------------------------------------------------------------------
 
 def make_peak(n=2048):
@@ -545,10 +1136,12 @@ def measure(runners, rounds, target_s, per_call_steps, peak_run, log):
     return times, peaks
 
 
-def summarise(config, widths, batch, times, skipped):
-    """Rows of one configuration; :func:`write` adds each row's fraction of the run's peak."""
+def summarise(config, widths, batch, times, skipped, flops=None, net=None):
+    """Rows of one configuration; :func:`write` adds each row's fraction of the run's peak.
+    ``flops`` per step defaults to the MLP's (:func:`flops_per_step`); ``net`` describes a
+    non-MLP configuration (its rows get ``widths`` None and a ``net`` field)."""
     ref = times["pure_jax"]
-    flops = flops_per_step(widths, batch)
+    flops = flops_per_step(widths, batch) if flops is None else flops
     rows = []
     for name, ts in times.items():
         ratios = [t / r for t, r in zip(ts, ref, strict=False)]
@@ -562,6 +1155,8 @@ def summarise(config, widths, batch, times, skipped):
             "gflops": flops / med / 1e9,
             "rounds": len(ts),
         })
+        if net is not None:
+            rows[-1]["net"] = net
     for name, why in skipped.items():
         rows.append({"config": config, "variant": name, "skipped": why})
     return rows
@@ -598,6 +1193,9 @@ def markdown(result):
              "median of per-round paired ratios to pure JAX (25–75 % range in brackets).", "",
              "| config | variant | median step | ratio to pure JAX | GFLOP/s | % of peak |",
              "|---|---|---:|---:|---:|---:|"]
+    nets = dict.fromkeys((r["config"], r["net"]) for r in result["rows"] if r.get("net"))
+    if nets:
+        lines[3:3] = [f"{config}: {net}  " for config, net in nets]
     for row in result["rows"]:
         if "skipped" in row:
             lines.append(f"| {row['config']} | {row['variant']} | skipped: {row['skipped'][:60]} "
@@ -631,7 +1229,7 @@ def plot(result, path):
         ax.invert_yaxis()
         ax.set_title(cfg)
         ax.set_xlabel("step time / pure JAX (lower is faster)")
-    fig.suptitle(f"MLP training step, {result['device']}", fontsize=9)
+    fig.suptitle(f"Training step, {result['device']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -640,7 +1238,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="3 rounds, short measurements")
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--configs", default="small,large,deep,small_epoch")
+    ap.add_argument("--configs", default="small,large,deep,small_epoch",
+                    help="comma-separated: small, large, deep, small_epoch (MLPs) and "
+                         "cnn, transformer (NET_CONFIGS)")
     ap.add_argument("--variants", default=",".join(ALL_VARIANTS),
                     help="comma-separated subset of: " + ",".join(ALL_VARIANTS))
     ap.add_argument("--skip", default="", help="variants to leave out")
@@ -669,6 +1269,11 @@ def main(argv=None):
     all_peaks = []
     configs = args.configs.split(",")
     for config in configs:
+        if config in NET_CONFIGS:
+            all_peaks += run_net_config(config, variants, result, rounds, target_s, peak_run,
+                                        log)
+            write(result, all_peaks, peak_flops, args, final=config == configs[-1])
+            continue
         epoch = config.endswith("_epoch")
         widths, batch = CONFIGS[config.removesuffix("_epoch")]
         log(f"== {config}: {'-'.join(map(str, widths))}, batch {batch}")
@@ -692,6 +1297,21 @@ def main(argv=None):
         result["rows"] += summarise(config, widths, batch, times, skipped)
         del runners
         write(result, all_peaks, peak_flops, args, final=config == configs[-1])
+
+
+def run_net_config(config, variants, result, rounds, target_s, peak_run, log):
+    """Build, time and summarise one of :data:`NET_CONFIGS`; returns the peak timings."""
+    cfg = NET_CONFIGS[config]
+    log(f"== {config}: {net_describe(cfg)}")
+    x, y = (jnp.asarray(a) for a in net_data(cfg))
+    names = [v for v in variants if v in NET_BUILDERS]  # stax and grads_only: MLP only
+    runners, skipped = build({v: (NET_BUILDERS[v], (cfg, x, y)) for v in names}, log)
+    if "pure_jax" not in runners:
+        raise SystemExit(f"{config}: pure JAX failed: {skipped.get('pure_jax')}")
+    times, peaks = measure(runners, rounds, target_s, {}, peak_run, log)
+    result["rows"] += summarise(config, None, cfg["batch"], times, skipped,
+                                flops=net_flops(cfg), net=net_describe(cfg))
+    return peaks
 
 
 def write(result, all_peaks, peak_flops, args, final):

@@ -4,6 +4,7 @@ checked: speed is measured by the benchmarks themselves, not by tests)."""
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
@@ -13,6 +14,9 @@ BENCHMARKS = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")
 def load(name):
     spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    # registered as Python's docs do it: dataclasses (Equinox modules defined in the script)
+    # look their module up in sys.modules
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -27,8 +31,14 @@ def test_peers_writes_the_json_the_issue_specifies(tmp_path, monkeypatch, capsys
     peers = load("peers")
     monkeypatch.setitem(peers.CONFIGS, "small", ([16, 8, 4], 8))  # tiny: compile-bound
     monkeypatch.setattr(peers, "make_peak", lambda: _tiny_peak(peers))
+    # the conv net (BatchNorm, pooling) and the transformer stack, tiny
+    monkeypatch.setitem(peers.NET_CONFIGS, "cnn", dict(peers.NET_CONFIGS["cnn"], batch=4, hw=8,
+                                                       chans=(2, 4)))
+    monkeypatch.setitem(peers.NET_CONFIGS, "transformer", dict(
+        peers.NET_CONFIGS["transformer"], batch=2, T=4, dim=8, heads=2, mlp=16, depth=1))
     out = tmp_path / "peers.json"
-    peers.main(["--configs", "small,small_epoch", "--rounds", "2", "--target-ms", "1",
+    peers.main(["--configs", "small,small_epoch,cnn,transformer", "--rounds", "2",
+                "--target-ms", "1",
                 "--variants", "pure_jax,jaxnet_auto,jaxnet_manual,stax",
                 "--json", str(out), "--markdown", str(tmp_path / "peers.md")])
     result = json.loads(out.read_text())
@@ -38,12 +48,24 @@ def test_peers_writes_the_json_the_issue_specifies(tmp_path, monkeypatch, capsys
     assert set(rows) == {("small", v) for v in ("pure_jax", "jaxnet_auto", "jaxnet_manual",
                                                  "stax")} | {
         ("small_epoch", v) for v in ("pure_jax", "pure_jax_again", "pure_jax_scan",
-                                     "jaxnet_step", "jaxnet_fit_scan")}
+                                     "jaxnet_step", "jaxnet_fit_scan")} | {
+        (c, v) for c in ("cnn", "transformer")
+        for v in ("pure_jax", "jaxnet_auto", "jaxnet_manual")}  # stax: MLP only
     for row in rows.values():
         for key in ("median_us", "ratio_to_pure_jax", "gflops", "fraction_of_peak"):
             assert row[key] > 0, (row["variant"], key)
     assert rows[("small", "pure_jax")]["ratio_to_pure_jax"] == 1.0
-    assert "| small | jaxnet_auto |" in (tmp_path / "peers.md").read_text()
+    for config in ("cnn", "transformer"):
+        assert rows[(config, "pure_jax")]["ratio_to_pure_jax"] == 1.0
+        assert rows[(config, "jaxnet_auto")]["widths"] is None
+        assert rows[(config, "jaxnet_auto")]["net"] == peers.net_describe(
+            peers.NET_CONFIGS[config])
+        assert rows[(config, "jaxnet_auto")]["gflops"] == pytest.approx(
+            peers.net_flops(peers.NET_CONFIGS[config]) / rows[(config, "jaxnet_auto")][
+                "median_us"] / 1e3)
+    md = (tmp_path / "peers.md").read_text()
+    assert "| small | jaxnet_auto |" in md and "| cnn | jaxnet_manual |" in md
+    assert "| transformer | jaxnet_auto |" in md
 
 
 def _tiny_peak(peers):
