@@ -19,6 +19,12 @@ parameter update, all in float32. Variants:
 Configurations: small 784-128-10 batch 128; large 784-2048-2048-2048-10 batch 512; deep
 784-(256×16)-10 batch 256; ``small_epoch``: a whole epoch of the small config in one
 ``lax.scan`` (time reported per step, ratio to the per-call pure-JAX step of the same round).
+Bigger nets (:data:`NET_CONFIGS`, ``--configs cnn,transformer``): ``cnn``, a 2-d conv net on
+32×32×3 inputs (conv 3×3 32 → BatchNorm → ReLU → max-pool 2 → conv 3×3 64 → BatchNorm →
+ReLU → max-pool 2 → mean → Dense 10, batch 128; BatchNorm in train mode, its running
+statistics carried in the step's state) and ``transformer``, 4 pre-norm blocks (width 256,
+4 heads, MLP 1024, tanh GELU) on T = 256, batch 16, mean-pooled, Dense 10; the same variants
+but stax and ``pure_jax_grads_only``; GFLOP/s from the convolutions' and matmuls' flops.
 
 Method: every variant is compiled and warmed up first (not timed). Then rounds: in each round
 every variant (in an order shuffled each round, with a pause after PyTorch, whose worker threads
