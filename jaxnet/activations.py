@@ -348,10 +348,17 @@ _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 _GELU_C = 0.044715
 
 
+def _gelu_tanh(a):
+    """tanh(u), u = √(2/π)(c + 0.044715c³) at c = a clipped to [−10, 10]: ±1 beyond, where
+    tanh(u(a)) is ±1 to every dtype's precision and c³ cannot overflow float16. The forward
+    formula and the derivative compute it alike, so XLA computes it once for both."""
+    c = jnp.clip(a, -10, 10)
+    return jnp.tanh(_SQRT_2_OVER_PI * (c + _GELU_C * c ** 3)), c
+
+
 def _gelu_formula(a, approximate=True):
     if approximate:
-        u = _SQRT_2_OVER_PI * (a + _GELU_C * a ** 3)
-        return 0.5 * a * (1 + jnp.tanh(u))
+        return 0.5 * a * (1 + _gelu_tanh(a)[0])
     # a·Φ(a) with Φ(a) = ½·erfc(−a/√2): no cancellation in the left tail, where
     # 1 + erf(a/√2) would lose every digit (relative error 7e-4 at a = −4 in float32)
     return 0.5 * a * lax.erfc(-a / math.sqrt(2))
@@ -376,9 +383,7 @@ def gelu_derivative(a: ArrayLike, approximate: bool = True) -> Array:
     if not approximate:
         phi = jnp.exp(-0.5 * a * a) / math.sqrt(2 * math.pi)
         return (0.5 * lax.erfc(-a / math.sqrt(2)) + a * phi).astype(a.dtype)
-    c = jnp.clip(a, -10, 10)
-    u = _SQRT_2_OVER_PI * (c + _GELU_C * c ** 3)
-    th = jnp.tanh(u)
+    th, c = _gelu_tanh(a)
     d = 0.5 * (1 + th) + 0.5 * c * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * _GELU_C * c * c)
     d = jnp.where(a > 10, jnp.ones_like(a), jnp.where(a < -10, jnp.zeros_like(a), d))
     return d.astype(a.dtype)
