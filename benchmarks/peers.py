@@ -327,8 +327,9 @@ def _nnx_model(widths):
     return nnx, model, optimizer, train_step
 
 
-def make_flax_nnx_jit(widths, x, y):
-    nnx, model, optimizer, train_step = _nnx_model(widths)
+def _nnx_jit_runner(parts, x, y):
+    """``nnx.jit`` of the step on the (graph-mode) module and optimizer."""
+    nnx, model, optimizer, train_step = parts
     step = nnx.jit(train_step, donate_argnums=(0, 1))
 
     def run(n):
@@ -340,8 +341,9 @@ def make_flax_nnx_jit(widths, x, y):
     return run
 
 
-def make_flax_nnx_split(widths, x, y):
-    nnx, model, optimizer, train_step = _nnx_model(widths)
+def _nnx_split_runner(parts, x, y):
+    """``jax.jit`` of the step on the split state, merged inside (the fast NNX pattern)."""
+    nnx, model, optimizer, train_step = parts
     graphdef, state0 = nnx.split((model, optimizer))
 
     @partial(jax.jit, donate_argnums=0)
@@ -359,6 +361,14 @@ def make_flax_nnx_split(widths, x, y):
         return sync(loss)
 
     return run
+
+
+def make_flax_nnx_jit(widths, x, y):
+    return _nnx_jit_runner(_nnx_model(widths), x, y)
+
+
+def make_flax_nnx_split(widths, x, y):
+    return _nnx_split_runner(_nnx_model(widths), x, y)
 
 
 # --- equinox ------------------------------------------------------------------
@@ -449,13 +459,13 @@ def _torch_loop(opt, forward, ty, step):
     return run
 
 
-def make_torch_eager(widths, x, y):
-    torch, model, opt, tx, ty = _torch_model(widths, x, y)
+def _torch_eager(parts):
+    torch, model, opt, tx, ty = parts
     return _torch_loop(opt, lambda: model(tx), ty, opt.step)
 
 
-def make_torch_compile(widths, x, y):
-    torch, model, opt, tx, ty = _torch_model(widths, x, y)
+def _torch_compiled(parts):
+    torch, model, opt, tx, ty = parts
     cmodel = torch.compile(model)
 
     @torch.compile(fullgraph=False)
@@ -463,6 +473,14 @@ def make_torch_compile(widths, x, y):
         opt.step()
 
     return _torch_loop(opt, lambda: cmodel(tx), ty, opt_step)
+
+
+def make_torch_eager(widths, x, y):
+    return _torch_eager(_torch_model(widths, x, y))
+
+
+def make_torch_compile(widths, x, y):
+    return _torch_compiled(_torch_model(widths, x, y))
 
 
 BUILDERS: dict[str, Callable] = {
@@ -844,37 +862,11 @@ def _nnx_net(cfg):
 
 
 def make_net_flax_nnx_jit(cfg, x, y):
-    nnx, model, optimizer, train_step = _nnx_net(cfg)
-    step = nnx.jit(train_step, donate_argnums=(0, 1))
-
-    def run(n):
-        loss = None
-        for _ in range(n):
-            loss = step(model, optimizer, x, y)
-        return sync(loss)
-
-    return run
+    return _nnx_jit_runner(_nnx_net(cfg), x, y)
 
 
 def make_net_flax_nnx_split(cfg, x, y):
-    nnx, model, optimizer, train_step = _nnx_net(cfg)
-    graphdef, state0 = nnx.split((model, optimizer))
-
-    @partial(jax.jit, donate_argnums=0)
-    def step(state, x, y):
-        model, optimizer = nnx.merge(graphdef, state)
-        loss = train_step(model, optimizer, x, y)
-        return nnx.state((model, optimizer)), loss
-
-    state = [state0]
-
-    def run(n):
-        loss = None
-        for _ in range(n):
-            state[0], loss = step(state[0], x, y)
-        return sync(loss)
-
-    return run
+    return _nnx_split_runner(_nnx_net(cfg), x, y)
 
 
 # --- Equinox ------------------------------------------------------------------
@@ -1043,19 +1035,11 @@ def _torch_net(cfg, x, y):
 
 
 def make_net_torch_eager(cfg, x, y):
-    torch, model, opt, tx, ty = _torch_net(cfg, x, y)
-    return _torch_loop(opt, lambda: model(tx), ty, opt.step)
+    return _torch_eager(_torch_net(cfg, x, y))
 
 
 def make_net_torch_compile(cfg, x, y):
-    torch, model, opt, tx, ty = _torch_net(cfg, x, y)
-    cmodel = torch.compile(model)
-
-    @torch.compile(fullgraph=False)
-    def opt_step():
-        opt.step()
-
-    return _torch_loop(opt, lambda: cmodel(tx), ty, opt_step)
+    return _torch_compiled(_torch_net(cfg, x, y))
 
 
 NET_BUILDERS: dict[str, Callable] = {
