@@ -212,23 +212,27 @@ def _jaxnet_train():
     return train
 
 
+def _jaxnet_runner(net, grad, x, y, **init_kwargs):
+    """n steps of jaxnet's compiled train step (``make_train_step``) on one batch."""
+    import jaxnet
+    train = _jaxnet_train()
+    step = train.make_train_step(net, jaxnet.softmax_cross_entropy, optax.adam(LR), grad=grad)
+    state = [train.init_state(net, optax.adam(LR), jax.random.key(0),
+                              (-1,) + tuple(x.shape[1:]), **init_kwargs)]
+
+    def run(n):
+        s, out = state[0], None
+        for _ in range(n):
+            s, out = step(s, x, y)
+        state[0] = s
+        return sync(out)
+
+    return run
+
+
 def make_jaxnet(grad):
     def make(widths, x, y):
-        import jaxnet
-        train = _jaxnet_train()
-        net = _jaxnet_net(widths)
-        step = train.make_train_step(net, jaxnet.softmax_cross_entropy, optax.adam(LR),
-                                     grad=grad)
-        state = [train.init_state(net, optax.adam(LR), jax.random.key(0), (-1, widths[0]))]
-
-        def run(n):
-            s, out = state[0], None
-            for _ in range(n):
-                s, out = step(s, x, y)
-            state[0] = s
-            return sync(out)
-
-        return run
+        return _jaxnet_runner(_jaxnet_net(widths), grad, x, y)
 
     return make
 
@@ -704,22 +708,7 @@ def jaxnet_net(cfg):
 
 def make_net_jaxnet(grad):
     def make(cfg, x, y):
-        import jaxnet
-        train = _jaxnet_train()
-        net = jaxnet_net(cfg)
-        step = train.make_train_step(net, jaxnet.softmax_cross_entropy, optax.adam(LR),
-                                     grad=grad)
-        state = [train.init_state(net, optax.adam(LR), jax.random.key(0),
-                                  (-1,) + tuple(x.shape[1:]), dtype=jnp.float32)]
-
-        def run(n):
-            s, out = state[0], None
-            for _ in range(n):
-                s, out = step(s, x, y)
-            state[0] = s
-            return sync(out)
-
-        return run
+        return _jaxnet_runner(jaxnet_net(cfg), grad, x, y, dtype=jnp.float32)
 
     return make
 

@@ -21,6 +21,7 @@ in a different order, so they agree to rounding.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -197,7 +198,8 @@ def check_layer(layer: Any, input_shape: Any, *, kwargs: Mapping | None = None,
     for dtype in dtypes:
         if jnp.dtype(dtype).name not in _RTOL:
             raise ValueError(f"check_layer checks float32 and float64, got {dtype!r}")
-        context = _x64_context() if jnp.dtype(dtype) == jnp.float64 else _null()
+        context = (_x64_context() if jnp.dtype(dtype) == jnp.float64
+                   else contextlib.nullcontext())
         with context:
             report.checks += _check_one(layer, input_shape, jnp.dtype(dtype), dict(kwargs or {}),
                                         seed, int_inputs)
@@ -205,8 +207,3 @@ def check_layer(layer: Any, input_shape: Any, *, kwargs: Mapping | None = None,
         report.raise_if_failed()
     return report
 
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
