@@ -139,15 +139,21 @@ def _check_one(layer, input_shape, dtype, kwargs, seed, int_inputs) -> list[Chec
     _, params, state = init_with_state(layer, k_init, concrete)
     params, state = _cast(params, dtype), _cast(state, dtype)
     x = _inputs(k_x, input_shape, dtype, int_inputs)
-    out, res, new_state = layer_fwd(layer, params, x, kwargs, Context(), state)
-    ref_out, vjp, ref_state = jax.vjp(
-        lambda p, a: apply_with_state(layer, p, state, a, kwargs), params, x, has_aux=True)
-    leaves = jax.tree_util.tree_leaves(ref_out)
-    keys = jax.random.split(k_g, max(len(leaves), 1))
-    g = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(ref_out), [
-        jax.random.normal(k, np.shape(o), jnp.result_type(o)) for k, o in zip(keys, leaves)])
-    pg, gx = layer_bwd(layer, params, res, g)
-    ref_pg, ref_gx = vjp(g)
+
+    @jax.jit  # one compiled program instead of hundreds of op-by-op dispatches
+    def both_ways(params, state, x, k_g):
+        out, res, new_state = layer_fwd(layer, params, x, kwargs, Context(), state)
+        ref_out, vjp, ref_state = jax.vjp(
+            lambda p, a: apply_with_state(layer, p, state, a, kwargs), params, x, has_aux=True)
+        leaves = jax.tree_util.tree_leaves(ref_out)
+        keys = jax.random.split(k_g, max(len(leaves), 1))
+        g = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(ref_out), [
+            jax.random.normal(k, np.shape(o), jnp.result_type(o)) for k, o in zip(keys, leaves)])
+        pg, gx = layer_bwd(layer, params, res, g)
+        return out, new_state, ref_out, ref_state, pg, gx, vjp(g)
+
+    out, new_state, ref_out, ref_state, pg, gx, (ref_pg, ref_gx) = both_ways(params, state, x,
+                                                                             k_g)
     name = jnp.dtype(dtype).name
     scale = _scale(ref_pg, ref_gx if not int_inputs else None)
     results = _structure(f"param_grads {name}", pg, params, "gradient tree")
