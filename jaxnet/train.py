@@ -157,6 +157,19 @@ def _value_and_grad(net: Any, loss: Loss, grad: str) -> Callable:
                      f"backward pass), got {grad!r}")
 
 
+def _update_fn(value_and_grad: Callable, optimizer: optax.GradientTransformation) -> Callable:
+    """``update(params, opt_state, model_state, inputs, targets, rng) -> (params, opt_state,
+    model_state, loss)``: one optimizer step on what the step changes, nothing else."""
+
+    def update(params, opt_state, model_state, inputs, targets, rng):
+        value, model_state, grads = value_and_grad(params, model_state, inputs, targets,
+                                                   rng=rng, mode="train")
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, model_state, value
+
+    return update
+
+
 def train_step_fn(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
                   grad: str = "auto") -> Callable[[TrainState, Array, Array],
                                                    tuple[TrainState, Array]]:
@@ -167,22 +180,133 @@ def train_step_fn(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
     (u, s') = optimizer.update(g, s, params), params' = params + u.
     """
     _check_optimizer(optimizer)
-    value_and_grad = _value_and_grad(net, loss, grad)
+    update = _update_fn(_value_and_grad(net, loss, grad), optimizer)
 
     def step(state: TrainState, inputs: Array, targets: Array) -> tuple[TrainState, Array]:
         rng = jax.random.fold_in(state.key, state.step)
-        value, model_state, grads = value_and_grad(state.params, state.model_state, inputs,
-                                                   targets, rng=rng, mode="train")
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, model_state, value = update(state.params, state.opt_state,
+                                                       state.model_state, inputs, targets, rng)
         return TrainState(params, opt_state, state.step + 1, state.key, model_state), value
 
     return step
 
 
-def _compile(fn: Callable, *, donate_state: bool = True) -> Callable:
-    """``jax.jit`` with the state (argument 0) donated: the one place jaxnet compiles a step."""
-    return jax.jit(fn, donate_argnums=(0,) if donate_state else ())
+_UNUSED_RNG = (2,), jnp.uint32  # a raw key's shape and dtype
+
+
+def _abstract(tree: Any) -> Any:
+    """Shapes and dtypes only (of arrays, tracers or ``ShapeDtypeStruct`` s)."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct(np.shape(a) if not hasattr(a, "shape") else a.shape,
+                                       getattr(a, "dtype", None) or jnp.result_type(a)), tree)
+
+
+def draws_randomness(net: Any, loss: Loss, state: TrainState, inputs: Any, targets: Any,
+                     grad: str = "auto") -> bool:
+    """Whether a training step of ``net`` reads its PRNG key (Dropout does; a plain MLP does not).
+
+    Traces the step's loss and gradient with the key as an input (shapes only, nothing
+    runs) and looks for an operation that takes the key. A net that draws no randomness
+    needs neither the state's ``key`` nor its ``step`` (the dropout key is
+    ``fold_in(key, step)``) inside the compiled step, so :func:`make_train_step` leaves
+    both out of it.
+    """
+    value_and_grad = _value_and_grad(net, loss, grad)
+
+    def objective(rng, params, model_state, inputs, targets):
+        return value_and_grad(params, model_state, inputs, targets, rng=rng, mode="train")
+
+    closed = jax.make_jaxpr(objective)(jax.ShapeDtypeStruct(*_UNUSED_RNG),
+                                       *_abstract((state.params, state.model_state, inputs,
+                                                   targets)))
+    return _live_inputs(closed.jaxpr, [True] * len(closed.jaxpr.outvars))[0]
+
+
+def _is_var(v: Any) -> bool:
+    return not hasattr(v, "val")  # a Literal carries its value; a Var does not
+
+
+def _live_inputs(jaxpr: Any, live_out: Sequence[bool]) -> list[bool]:
+    """Which inputs of ``jaxpr`` the live outputs depend on: dead-code analysis, walking the
+    equations backwards. A call whose inner jaxpr matches its inputs and outputs one to one
+    (``jit``, ``checkpoint``, custom derivatives) is looked into; any other equation with a
+    live output (or an effect) is taken to need all of its inputs."""
+    live = {v for v, keep in zip(jaxpr.outvars, live_out) if keep and _is_var(v)}
+    for eqn in reversed(jaxpr.eqns):
+        outs = [_is_var(v) and v in live for v in eqn.outvars]
+        if not (any(outs) or eqn.effects):
+            continue
+        inner = next((eqn.params[k] for k in ("jaxpr", "call_jaxpr", "fun_jaxpr")
+                      if k in eqn.params), None)
+        inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's Jaxpr
+        if (inner is not None and hasattr(inner, "eqns") and not eqn.effects
+                and len(inner.invars) == len(eqn.invars)
+                and len(inner.outvars) == len(eqn.outvars)):
+            needed = _live_inputs(inner, outs)
+        else:
+            needed = [True] * len(eqn.invars)
+        live |= {v for v, keep in zip(eqn.invars, needed) if keep and _is_var(v)}
+    return [v in live for v in jaxpr.invars]
+
+
+_ONE = np.int32(1)
+
+
+def _next_count(step: Any) -> np.int32:
+    """``step + 1`` as a NumPy int32 on the host (a device value is read once; the count
+    stays on the host afterwards, so counting costs no device operation)."""
+    if type(step) is np.int32:  # the common case, checked first: it runs every step
+        return step + _ONE
+    return np.int32(np.asarray(step)) + _ONE
+
+
+def _lean_train_step(net: Any, loss: Loss, optimizer: optax.GradientTransformation, grad: str,
+                     donate: bool, full: Callable) -> Callable:
+    """:func:`make_train_step` without the key and the step count inside the compiled call,
+    for nets that draw no randomness (the first call checks, by :func:`draws_randomness`;
+    a net that does takes ``full``, the whole-state step).
+
+    The compiled call takes and returns the params and optimizer state (and the model
+    state, if there is any): the same buffers as a hand-written JAX step, so a call costs
+    what that one costs. The count ``step + 1`` is kept on the host, the key is passed on.
+    """
+    update = _update_fn(_value_and_grad(net, loss, grad), optimizer)
+
+    def stateless(params, opt_state, inputs, targets):
+        params, opt_state, _, value = update(params, opt_state, {}, inputs, targets,
+                                             jnp.zeros(*_UNUSED_RNG))
+        return params, opt_state, value
+
+    def stateful(params, opt_state, model_state, inputs, targets):
+        return update(params, opt_state, model_state, inputs, targets, jnp.zeros(*_UNUSED_RNG))
+
+    stateless = _compile(stateless, donate_state=donate, state_args=2)
+    stateful = _compile(stateful, donate_state=donate, state_args=3)
+    lean: list[bool] = []  # decided at the first call, when shapes are known
+
+    def step(state: TrainState, inputs: Array, targets: Array) -> tuple[TrainState, Array]:
+        if not lean:
+            lean.append(not draws_randomness(net, loss, state, inputs, targets, grad))
+        if not lean[0]:
+            return full(state, inputs, targets)
+        count = _next_count(state.step)
+        if jax.tree_util.tree_leaves(state.model_state):
+            params, opt_state, model_state, value = stateful(
+                state.params, state.opt_state, state.model_state, inputs, targets)
+        else:
+            (params, opt_state, value), model_state = stateless(
+                state.params, state.opt_state, inputs, targets), state.model_state
+        return TrainState(params, opt_state, count, state.key, model_state), value
+
+    # as on a jax.jit function: how many programs are compiled (for tests of recompilation)
+    step._cache_size = lambda: sum(f._cache_size() for f in (stateless, stateful, full))
+    return step
+
+
+def _compile(fn: Callable, *, donate_state: bool = True, state_args: int = 1) -> Callable:
+    """``jax.jit`` with the state (the first ``state_args`` arguments) donated: the one place
+    jaxnet compiles a step."""
+    return jax.jit(fn, donate_argnums=tuple(range(state_args)) if donate_state else ())
 
 
 def make_train_step(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
@@ -208,21 +332,45 @@ def make_train_step(net: Any, loss: Loss, optimizer: optax.GradientTransformatio
 
     Shapes: inputs (batch, features...), targets (batch,) labels or (batch, k).
     Compiles once per input shape/dtype.
+
+    A net that draws no randomness (no Dropout: :func:`draws_randomness`, checked at
+    the first call) needs no key and no step count inside the step: the compiled call
+    then takes only the params and optimizer state (and model state, if any), as a
+    hand-written JAX step does, and ``state.step`` is counted on the host (a NumPy
+    int32). Without a mesh only; the result is the same either way.
     """
     fn = train_step_fn(net, loss, optimizer, grad)
     if mesh is not None:
         from .sharding import shard_step
         fn = shard_step(fn, mesh, rules)
-    return _compile(fn, donate_state=donate) if jit else fn
+    if not jit:
+        return fn
+    full = _compile(fn, donate_state=donate)
+    return full if mesh is not None else _lean_train_step(net, loss, optimizer, grad, donate,
+                                                          full)
 
 
 def epoch_fn(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
              grad: str = "auto") -> Callable[[TrainState, Array, Array], tuple[TrainState, Array]]:
-    """The plain epoch: ``lax.scan`` of the step over batches (num_batches, batch, ...)."""
+    """The plain epoch: ``lax.scan`` of the step over batches (num_batches, batch, ...).
+
+    For a net that draws no randomness (:func:`draws_randomness`) the scan carries only
+    the params, optimizer and model state, and the count grows by ``num_batches`` once."""
     step = train_step_fn(net, loss, optimizer, grad)
+    update = _update_fn(_value_and_grad(net, loss, grad), optimizer)
+
+    def lean_body(carry, batch):
+        params, opt_state, model_state, value = update(*carry, *batch, jnp.zeros(*_UNUSED_RNG))
+        return (params, opt_state, model_state), value
 
     def epoch(state: TrainState, xs: Array, ys: Array) -> tuple[TrainState, Array]:
-        return jax.lax.scan(lambda s, b: step(s, *b), state, (xs, ys))
+        one = [jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in (xs, ys)]
+        if draws_randomness(net, loss, state, *one, grad):
+            return jax.lax.scan(lambda s, b: step(s, *b), state, (xs, ys))
+        (params, opt_state, model_state), losses = jax.lax.scan(
+            lean_body, (state.params, state.opt_state, state.model_state), (xs, ys))
+        return TrainState(params, opt_state, state.step + xs.shape[0], state.key,
+                          model_state), losses
 
     return epoch
 
