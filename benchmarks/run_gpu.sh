@@ -40,7 +40,7 @@ fi
 #    configurations, 5 interleaved rounds. Results are written after every configuration, so a
 #    cut run keeps what it has.
 step "peers.py"
-timeout "$(lim 150)" $PY benchmarks/peers.py --rounds 5 --target-ms 50 --skip torch_compile \
+timeout "$(lim 100)" $PY benchmarks/peers.py --rounds 5 --target-ms 50 --skip torch_compile \
   --json "$OUT/peers.json" --markdown "$OUT/peers.md" --plot "$OUT/peers.png" \
   2> "$OUT/peers.log" || echo "peers.py stopped early (see $OUT/peers.log)" >&2
 
@@ -51,6 +51,21 @@ timeout "$(lim 30)" $PY benchmarks/peers.py --rounds 30 --target-ms 30 --configs
   --variants pure_jax,pure_jax_again,jaxnet_auto,jaxnet_manual \
   --json "$OUT/peers_small.json" --markdown "$OUT/peers_small.md" \
   2> "$OUT/peers_small.log" || echo "small-config run stopped early" >&2
+
+# 1c. the bigger nets of issue 13: the 2-d conv net (BatchNorm, pooling, batch 128) and the
+#     4-block transformer (width 256, T = 256, batch 16), every variant but torch.compile.
+step "peers.py cnn, transformer"
+timeout "$(lim 60)" $PY benchmarks/peers.py --rounds 5 --target-ms 50 --configs cnn,transformer \
+  --skip torch_compile --json "$OUT/peers_cnn_transformer.json" \
+  --markdown "$OUT/peers_cnn_transformer.md" \
+  2> "$OUT/peers_cnn_transformer.log" || echo "cnn/transformer run stopped early" >&2
+
+# 1d. the per-call cost of the step's state: hand-written step, jaxnet's step, and the
+#     whole-TrainState step it replaced for nets without randomness.
+step "step_overhead.py"
+timeout "$(lim 25)" $PY benchmarks/step_overhead.py --rounds 20 --target-ms 30 \
+  --json "$OUT/step_overhead.json" --markdown "$OUT/step_overhead.md" \
+  2> "$OUT/step_overhead.log" || echo "step_overhead.py stopped early" >&2
 
 # 2. rematerialisation: XLA memory_analysis() of depth 32 and 64 steps, with and without.
 step "remat_memory.py"

@@ -134,3 +134,17 @@ def test_manual_vs_autodiff_writes_three_paths_for_every_net(tmp_path, monkeypat
             assert col["max_rel_grad_diff"] < 1e-3, (name, col["max_rel_grad_diff"])
         assert row["paths"]["plain_autodiff"]["ratio"] == 1.0
     assert (tmp_path / "m.png").exists() and (tmp_path / "m_nets.png").exists()
+
+
+def test_step_overhead_compares_the_lean_step_with_the_whole_state_step(tmp_path):
+    bench = load("step_overhead")
+    out = tmp_path / "o.json"
+    bench.main(["--configs", "tiny", "--rounds", "2", "--target-ms", "1", "--json", str(out),
+                "--markdown", str(tmp_path / "o.md")])
+    rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"pure_jax", "pure_jax_again", "whole_state", "jaxnet",
+                         "whole_state_dropout", "jaxnet_dropout"}
+    assert rows["pure_jax"]["ratio_to_pure_jax"] == 1.0 and rows["pure_jax"]["overhead_us"] == 0
+    for r in rows.values():
+        assert r["median_us"] > 0 and r["ratio_q25"] <= r["ratio_q75"]
+    assert "| tiny | jaxnet |" in (tmp_path / "o.md").read_text()
