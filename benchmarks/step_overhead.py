@@ -10,6 +10,10 @@ one run:
 - ``pure_jax``: the hand-written step ``(params, opt_state, x, y) -> (params, opt_state,
   loss)``, ``jax.jit`` with params and optimizer state donated. Ratios are to it.
 - ``pure_jax_again``: the same, built again: the A/A control (the method's noise).
+- ``pure_jax_dict_params``: the same hand-written step over jaxnet's net and its params, a
+  dict of dicts (``{"dense_0": {"w", "b"}, ...}``) instead of a list of ``(w, b)`` tuples:
+  what readable parameter names cost per call (dicts flatten slower than tuples), apart
+  from anything ``make_train_step`` adds.
 - ``whole_state``: jaxnet's step function over the whole ``TrainState`` (params, optimizer
   state, step count, key, model state) in one ``jax.jit``: what ``make_train_step`` compiled
   before it left the key and count out for nets without randomness.
@@ -82,6 +86,14 @@ def make_variants(widths):
         return peers.make_pure_jax(widths, x, y)
 
     variants["pure_jax"] = variants["pure_jax_again"] = pure
+
+    def dict_params(x, y):
+        net = _net(widths, 0.0)
+        _, params = net.init(jax.random.key(0), shape)
+        apply = lambda p, x: net.apply(p, x)  # noqa: E731
+        return peers.jitted_runner(peers.optax_step(apply, opt), params, opt.init(params), x, y)
+
+    variants["pure_jax_dict_params"] = dict_params
     for suffix, dropout in (("", 0.0), ("_dropout", 0.1)):
         net = _net(widths, dropout)
 

@@ -282,21 +282,23 @@ def _lean_train_step(net: Any, loss: Loss, optimizer: optax.GradientTransformati
 
     stateless = _compile(stateless, donate_state=donate, state_args=2)
     stateful = _compile(stateful, donate_state=donate, state_args=3)
-    lean: list[bool] = []  # decided at the first call, when shapes are known
+    kind: list[str] = []  # "full", "stateful" or "stateless": decided at the first call
 
     def step(state: TrainState, inputs: Array, targets: Array) -> tuple[TrainState, Array]:
-        if not lean:
-            lean.append(not draws_randomness(net, loss, state, inputs, targets, grad))
-        if not lean[0]:
+        if not kind:
+            kind.append("full" if draws_randomness(net, loss, state, inputs, targets, grad)
+                        else "stateful" if jax.tree_util.tree_leaves(state.model_state)
+                        else "stateless")
+        if kind[0] == "stateless":  # first: the plain MLP's path, taken every step
+            params, opt_state, value = stateless(state.params, state.opt_state, inputs, targets)
+            return TrainState(params, opt_state, _next_count(state.step), state.key,
+                              state.model_state), value
+        if kind[0] == "full":
             return full(state, inputs, targets)
-        count = _next_count(state.step)
-        if jax.tree_util.tree_leaves(state.model_state):
-            params, opt_state, model_state, value = stateful(
-                state.params, state.opt_state, state.model_state, inputs, targets)
-        else:
-            (params, opt_state, value), model_state = stateless(
-                state.params, state.opt_state, inputs, targets), state.model_state
-        return TrainState(params, opt_state, count, state.key, model_state), value
+        params, opt_state, model_state, value = stateful(
+            state.params, state.opt_state, state.model_state, inputs, targets)
+        return TrainState(params, opt_state, _next_count(state.step), state.key,
+                          model_state), value
 
     # as on a jax.jit function: how many programs are compiled (for tests of recompilation)
     step._cache_size = lambda: sum(f._cache_size() for f in (stateless, stateful, full))

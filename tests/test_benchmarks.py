@@ -142,7 +142,8 @@ def test_step_overhead_compares_the_lean_step_with_the_whole_state_step(tmp_path
     bench.main(["--configs", "tiny", "--rounds", "2", "--target-ms", "1", "--json", str(out),
                 "--markdown", str(tmp_path / "o.md")])
     rows = {r["variant"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"pure_jax", "pure_jax_again", "whole_state", "jaxnet",
+    assert set(rows) == {"pure_jax", "pure_jax_again", "pure_jax_dict_params", "whole_state",
+                         "jaxnet",
                          "whole_state_dropout", "jaxnet_dropout"}
     assert rows["pure_jax"]["ratio_to_pure_jax"] == 1.0 and rows["pure_jax"]["overhead_us"] == 0
     for r in rows.values():
