@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _fast import fast_jit, normal, numpy_init
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.example_libraries import stax
@@ -32,11 +33,8 @@ LOSSES = {"softmax_cross_entropy": jn.softmax_cross_entropy, "cross_entropy": jn
           "l2_loss": jn.l2_loss, "huber": huber}
 
 
-# Both paths run jitted in most tests: one XLA compile per net is much cheaper than
-# compiling every op on its own in eager mode. LLVM's expensive passes are off
-# (it changes how fast the code runs, not what it computes).
-fast_jit = partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                              "xla_llvm_disable_expensive_passes": True})
+# Both paths run jitted in most tests, as one program (fast_jit, tests/_fast.py): one XLA
+# compile per net is much cheaper than compiling every op on its own in eager mode.
 
 
 def autodiff(net, loss, params, inputs, targets, **kwargs):
@@ -108,20 +106,26 @@ def networks(draw):
 
 
 def make_problem(net, loss_name, classes, shape, seed, dtype):
-    """Params, inputs and targets in ``dtype``, made in one compiled call (not op by op)."""
+    """Params, inputs and targets in ``dtype``, drawn in numpy (tests/_fast.py:
+    compiling jax.random for every parameter took longer than the gradients under test)."""
+    _, params = numpy_init(net, shape, seed, dtype)
+    rng = np.random.default_rng([seed, 1])
+    inputs = rng.standard_normal(shape).astype(dtype)
+    if loss_name in ("l2_loss", "huber"):
+        targets = rng.standard_normal((shape[0], classes)).astype(dtype)
+    else:
+        targets = rng.integers(0, classes, shape[0])
+    return params, *jax.device_put((inputs, targets))
 
-    def make(key):
-        k1, k2, k3 = jax.random.split(key, 3)
-        _, params = net.init(k1, shape)
-        inputs = jax.random.normal(k2, shape)
-        if loss_name in ("l2_loss", "huber"):
-            targets = jax.random.normal(k3, (shape[0], classes))
-        else:
-            targets = jax.random.randint(k3, (shape[0],), 0, classes)
-        return jax.tree_util.tree_map(
-            lambda a: a.astype(dtype) if a.dtype.kind == "f" else a, (params, inputs, targets))
 
-    return fast_jit(make)(jax.random.key(seed))
+def both_ways(net, loss):
+    """``(manual value and grads, jax.grad's value and grads)`` as one compiled program: one
+    compile per case instead of two."""
+    def both(params, inputs, targets, **kwargs):
+        return (manual_value_and_grad(net, loss)(params, inputs, targets, **kwargs),
+                autodiff(net, loss, params, inputs, targets, **kwargs))
+
+    return fast_jit(both)
 
 
 def check_random_network(case, dtype, rtol):
@@ -129,18 +133,16 @@ def check_random_network(case, dtype, rtol):
     loss = LOSSES[loss_name]
     params, inputs, targets = make_problem(net, loss_name, classes, shape, seed, dtype)
     kwargs = {"rng": jax.random.key(seed + 1)} if dropout else {}
-    f = fast_jit(manual_value_and_grad(net, loss))
-    ref = fast_jit(partial(autodiff, net, loss))
-    value, grads = f(params, inputs, targets, **kwargs)
-    ref_value, ref_grads = ref(params, inputs, targets, **kwargs)
+    (value, grads), (ref_value, ref_grads) = both_ways(net, loss)(params, inputs, targets,
+                                                                  **kwargs)
     assert value.dtype == ref_value.dtype == dtype
     assert_grads_close(grads, ref_grads, rtol)
     return value, ref_value
 
 
-# Each example compiles three small programs (problem, manual, autodiff): 1-4 s on two
-# shared CPU cores. The example counts keep this file near a minute (tests/test_backprop_layers.py
-# draws more nets, with convolutions and attention).
+# Each example compiles one program (the manual pass and jax.grad together): 0.3-2 s on two
+# shared CPU cores. The example counts keep this file well under a minute
+# (tests/test_backprop_layers.py draws more nets, with convolutions and attention).
 @settings(max_examples=4, deadline=None)
 @given(networks())
 def test_random_networks_agree_with_jax_grad_in_float64(case):
@@ -183,7 +185,7 @@ def test_forward_keeps_the_output_where_the_derivative_needs_only_the_output(nam
 
 def test_dense_keeps_only_its_input():
     layer = jn.Dense(3)
-    _, params = layer.init(jax.random.key(0), (4, 2))
+    _, params = numpy_init(layer, (4, 2))
     x = jnp.ones((4, 2))
     _, residual = layer.fwd(params, x)
     assert residual is x
@@ -200,14 +202,11 @@ def test_dense_keeps_only_its_input():
 ])
 def test_fused_output_pairs_are_detected_and_agree(loss, head, fused):
     net = jn.serial(jn.Dense(6), jn.Relu, jn.serial(jn.Dense(3), *head))
-    _, params = net.init(jax.random.key(0), (5, 4))
-    inputs = jax.random.normal(jax.random.key(1), (5, 4))
-    targets = (jax.random.normal(jax.random.key(2), (5, 3)) if loss in (jn.l2_loss, huber)
-               else jnp.array([0, 1, 2, 1, 0]))
-    f = manual_value_and_grad(net, loss)
-    assert f.fused is fused
-    value, grads = fast_jit(f)(params, inputs, targets)
-    ref_value, ref_grads = fast_jit(partial(autodiff, net, loss))(params, inputs, targets)
+    _, params = numpy_init(net, (5, 4))
+    inputs = normal((5, 4), 1)
+    targets = normal((5, 3), 2) if loss in (jn.l2_loss, huber) else jnp.array([0, 1, 2, 1, 0])
+    assert manual_value_and_grad(net, loss).fused is fused
+    (value, grads), (ref_value, ref_grads) = both_ways(net, loss)(params, inputs, targets)
     assert value == ref_value
     assert_grads_close(grads, ref_grads, 1e-12)
 
@@ -219,7 +218,7 @@ def test_fused_pair_skips_the_output_activations_backward_rule():
     softmax = Layer(jn.Softmax.init, jn.Softmax.apply, kind="softmax", fwd=jn.Softmax.fwd,
                     bwd=refuse, config={"activation": "softmax"})
     net = jn.serial(jn.Dense(3), softmax)
-    _, params = net.init(jax.random.key(0), (4, 2))
+    _, params = numpy_init(net, (4, 2))
     inputs, targets = jnp.ones((4, 2)), jnp.array([0, 1, 2, 0])
     value, grads = fast_jit(manual_value_and_grad(net, jn.cross_entropy))(params, inputs, targets)
     reference = fast_jit(partial(autodiff, jn.serial(jn.Dense(3), jn.Softmax), jn.cross_entropy))
@@ -242,10 +241,12 @@ def test_under_jit(jit):
 
 def test_jit_with_static_mode_and_one_hot_targets():
     net, params, inputs, labels = small_problem()
-    targets = jax.nn.one_hot(labels, 3)
+    targets = jax.device_put(np.eye(3)[np.asarray(labels)])  # one-hot, made in numpy
     f = jax.jit(manual_value_and_grad(net, jn.cross_entropy), static_argnames="mode")
     value, grads = f(params, inputs, targets, mode="eval")
-    ref_value, ref_grads = fast_jit(partial(autodiff, net, jn.cross_entropy, mode="eval"))(
+    # the reference compiled with the same options: XLA's optimisation level can move a
+    # result by an ulp, and this compares the forward values exactly
+    ref_value, ref_grads = jax.jit(partial(autodiff, net, jn.cross_entropy, mode="eval"))(
         params, inputs, targets)
     assert value == ref_value
     assert_grads_close(grads, ref_grads, 1e-10)
@@ -266,13 +267,13 @@ def test_vmap_gives_per_example_gradients():
     assert_grads_close(grads, ref_grads, 1e-10)
     # the mean of the per-example gradients is the batch gradient
     _, batch_grads = fast_jit(partial(f, mode="eval"))(params, inputs, targets)
-    assert_grads_close(jax.tree_util.tree_map(lambda g: g.mean(0), grads), batch_grads, 1e-10)
+    assert_grads_close(jax.tree_util.tree_map(lambda g: np.mean(g, 0), grads), batch_grads, 1e-10)
 
 
 def test_vmap_over_unbatched_examples_under_jit():
     net = jn.mlp([6], 3, "gelu")
-    _, params = net.init(jax.random.key(0), (4,))
-    inputs = jax.random.normal(jax.random.key(1), (5, 4))
+    _, params = numpy_init(net, (4,))
+    inputs = normal((5, 4), 1)
     targets = jnp.array([0, 2, 1, 1, 0])
     f = fast_jit(jax.vmap(manual_value_and_grad(net, jn.softmax_cross_entropy),
                           in_axes=(None, 0, 0)))
@@ -286,16 +287,15 @@ def test_vmap_over_unbatched_examples_under_jit():
 def test_dropout_same_key_same_mask_in_both_paths():
     net, params, inputs, targets = small_problem()
     key = jax.random.key(7)
-    outputs, _, _ = layer_fwd(net, params, inputs, {"rng": key})
-    np.testing.assert_array_equal(outputs, net.apply(params, inputs, rng=key))
-    f = fast_jit(manual_value_and_grad(net, jn.cross_entropy))
-    value, grads = f(params, inputs, targets, rng=key)
-    ref_value, ref_grads = fast_jit(partial(autodiff, net, jn.cross_entropy))(
-        params, inputs, targets, rng=key)
+    outputs, applied = fast_jit(lambda p, x, k: (layer_fwd(net, p, x, {"rng": k})[0],
+                                                 net.apply(p, x, rng=k)))(params, inputs, key)
+    np.testing.assert_array_equal(outputs, applied)
+    f = both_ways(net, jn.cross_entropy)
+    (value, grads), (ref_value, ref_grads) = f(params, inputs, targets, rng=key)
     assert value == ref_value
     assert_grads_close(grads, ref_grads, 1e-10)
     # another key drops other units: the gradient changes (the key really is used)
-    other_value, _ = f(params, inputs, targets, rng=jax.random.key(8))
+    (other_value, _), _ = f(params, inputs, targets, rng=jax.random.key(8))
     assert other_value != value
 
 
@@ -306,12 +306,11 @@ def test_dropout_without_a_key_is_a_clear_error():
 
 
 def test_training_with_manual_gradients_follows_the_autodiff_loss_curve():
-    k1, k2 = jax.random.split(jax.random.key(0))
-    inputs = jax.random.normal(k1, (64, 4), jnp.float32)
-    targets = (inputs[:, 0] * inputs[:, 1] > 0).astype(jnp.int32) + (inputs[:, 2] > 1)
+    inputs = np.random.default_rng(0).standard_normal((64, 4)).astype(np.float32)
+    targets = (inputs[:, 0] * inputs[:, 1] > 0).astype(np.int32) + (inputs[:, 2] > 1)
+    inputs, targets = jax.device_put((inputs, targets))
     net = jn.mlp([16, 16], 3, "tanh", "softmax")
-    _, params = net.init(k2, inputs.shape)
-    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+    _, params = numpy_init(net, inputs.shape, dtype=np.float32)
     opt = optax.adam(1e-2)
 
     def curve(value_and_grad):
@@ -348,7 +347,7 @@ def recording_net():
 
 def test_loss_that_is_not_a_scalar_is_an_error_before_computation():
     net, ran_on = recording_net()
-    _, params = net.init(jax.random.key(0), (4, 5))
+    _, params = numpy_init(net, (4, 5))
     per_example = lambda y, t: jnp.sum((y - t) ** 2, -1)
     with pytest.raises(ValueError, match=r"scalar.*\(4,\)"):
         manual_value_and_grad(net, per_example)(params, jnp.ones((4, 5)), jnp.ones((4, 2)))
@@ -357,7 +356,7 @@ def test_loss_that_is_not_a_scalar_is_an_error_before_computation():
 
 def test_targets_with_another_batch_size_are_an_error_before_computation():
     net, ran_on = recording_net()
-    _, params = net.init(jax.random.key(0), (4, 5))
+    _, params = numpy_init(net, (4, 5))
     with pytest.raises(ValueError, match=r"batch of 4 inputs.*\(3,\)|\(3,\).*batch of 4"):
         manual_value_and_grad(net, jn.softmax_cross_entropy)(params, jnp.ones((4, 5)),
                                                              jnp.array([0, 1, 1]))
@@ -373,7 +372,7 @@ def test_targets_with_another_batch_size_are_an_error_before_computation():
 ])
 def test_params_that_do_not_match_the_net_are_an_error_naming_the_path(edit, message):
     net, ran_on = recording_net()
-    _, params = net.init(jax.random.key(0), (4, 5))
+    _, params = numpy_init(net, (4, 5))
     with pytest.raises(ValueError, match=message):
         manual_value_and_grad(net, jn.softmax_cross_entropy)(edit(params), jnp.ones((4, 5)),
                                                              jnp.array([0, 1, 1, 0]))
@@ -382,7 +381,7 @@ def test_params_that_do_not_match_the_net_are_an_error_naming_the_path(edit, mes
 
 def test_errors_also_come_at_trace_time_under_jit():
     net, _ = recording_net()
-    _, params = net.init(jax.random.key(0), (4, 5))
+    _, params = numpy_init(net, (4, 5))
     f = jax.jit(manual_value_and_grad(net, jn.softmax_cross_entropy))
     with pytest.raises(ValueError, match="batch"):
         f(params, jnp.ones((4, 5)), jnp.array([0, 1]))
@@ -397,16 +396,16 @@ def foreign_net():
 
 def test_layer_without_backward_rule_is_an_error_naming_it():
     net = foreign_net()
-    _, params = net.init(jax.random.key(0), (3, 5))
+    _, params = numpy_init(net, (3, 5))
     with pytest.raises(jn.NoBackwardRuleError, match=r"layer_0.*no hand-written backward rule"):
         manual_value_and_grad(net, jn.l2_loss)(params, jnp.ones((3, 5)), jnp.ones((3, 2)))
 
 
 def test_autodiff_fallback_is_opt_in_and_reported():
     net = foreign_net()
-    _, params = net.init(jax.random.key(0), (3, 5))
-    inputs = jax.random.normal(jax.random.key(1), (3, 5))
-    targets = jax.random.normal(jax.random.key(2), (3, 2))
+    _, params = numpy_init(net, (3, 5))
+    inputs = normal((3, 5), 1)
+    targets = normal((3, 2), 2)
     f = manual_value_and_grad(net, jn.l2_loss, autodiff_fallback=True)
     with pytest.warns(AutodiffFallbackWarning, match="layer_0"):
         value, grads = fast_jit(f)(params, inputs, targets)

@@ -8,6 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _fast import fast_jit, numpy_init
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,7 +23,7 @@ def sequence_nets(draw):
     """A net on sequences (B, T, ·) ending in class logits; tokens or real-valued inputs."""
     act = st.sampled_from(ACTS)
     d = draw(st.sampled_from([4, 6]))
-    T = draw(st.sampled_from([4, 6, 8]))
+    T = length = draw(st.sampled_from([4, 6, 8]))  # T: the length after the layers so far
     tokens = draw(st.booleans())
     vocab = 7
     layers = ([jn.Embedding(vocab, d)] if tokens
@@ -54,41 +55,44 @@ def sequence_nets(draw):
     wrap = draw(st.booleans())
     batch = draw(st.integers(2, 5))
     seed = draw(st.integers(0, 2**31 - 1))
-    return net, wrap, tokens, (batch, T) if tokens else (batch, T, 2), vocab, seed
+    return net, wrap, tokens, (batch, length) if tokens else (batch, length, 2), vocab, seed
 
 
 def check(case, dtype, rtol):
     net, wrap, tokens, shape, vocab, seed = case
     if wrap:  # the wrapper in the dtype under test: its structure, not its rounding
         net = jn.mixed_precision(net, Policy(dtype, dtype, dtype))
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    _, params, state = net.init_with_state(k1, (-1,) + shape[1:])
-    cast = partial(jax.tree.map, lambda a: a.astype(dtype) if a.dtype.kind == "f" else a)
-    params, state = cast(params), cast(state)
-    x = (jax.random.randint(k2, shape, 0, vocab) if tokens
-         else jax.random.normal(k2, shape, dtype))
-    y = jax.random.randint(k3, shape[:1], 0, 3)
+    # params, state and data drawn in numpy (tests/_fast.py): compiling jax.random
+    # for every parameter took longer than the gradients under test
+    _, params, state = numpy_init(net, (-1,) + shape[1:], seed, dtype, with_state=True)
+    rng = np.random.default_rng([seed, 1])
+    x = rng.integers(0, vocab, shape) if tokens else rng.standard_normal(shape).astype(dtype)
+    x, y = jax.device_put((x, rng.integers(0, 3, shape[:1])))
     loss = jn.softmax_cross_entropy
     mode = "train"
 
-    def objective(p):
-        out, new = net.apply_with_state(p, state, x, mode=mode)
-        return loss(out, y), new
+    @fast_jit  # the manual pass and jax.grad as one program: one compile per case
+    def both(params, state, x, y):
+        def objective(p):
+            out, new = net.apply_with_state(p, state, x, mode=mode)
+            return loss(out, y), new
 
-    manual = jax.jit(partial(jn.manual_value_and_grad(net, loss), mode=mode))
-    if net.stateful:
-        (value, new_state), grads = manual(params, x, y, state=state)
-    else:
-        (value, grads), new_state = manual(params, x, y), state
-    (ref_value, ref_state), ref = jax.jit(jax.value_and_grad(objective, has_aux=True))(params)
-    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ref))
+        manual = partial(jn.manual_value_and_grad(net, loss), mode=mode)
+        if net.stateful:
+            (value, new_state), grads = manual(params, x, y, state=state)
+        else:
+            (value, grads), new_state = manual(params, x, y), state
+        return (value, new_state, grads), jax.value_and_grad(objective, has_aux=True)(params)
+
+    (value, new_state, grads), ((ref_value, ref_state), ref) = both(params, state, x, y)
+    scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref))
     chex.assert_trees_all_close(value, ref_value, rtol=rtol)
     chex.assert_trees_all_close(new_state, ref_state, rtol=rtol, atol=rtol)
     chex.assert_trees_all_equal_dtypes(grads, params)
     chex.assert_trees_all_close(grads, ref, rtol=rtol, atol=rtol * scale)
 
 
-# each example compiles two programs of a few layers (2-6 s on two shared cores)
+# each example compiles one program of a few layers (1-4 s on two shared cores)
 @settings(max_examples=3, deadline=None)
 @given(sequence_nets())
 def test_random_conv_attention_nets_agree_with_jax_grad_in_float64(case):
@@ -103,9 +107,14 @@ def test_random_conv_attention_nets_agree_with_jax_grad_in_float32(case):
 
 def test_a_net_starting_with_an_embedding_has_no_input_gradient():
     net = jn.serial(jn.Embedding(5, 4), jn.Flatten, jn.Dense(2))
-    _, params = net.init(jax.random.key(0), (-1, 3))
+    _, params = numpy_init(net, (-1, 3))
     x, y = jnp.array([[0, 1, 4], [2, 2, 3]]), jnp.array([0, 1])
-    value, grads = jn.manual_value_and_grad(net, jn.softmax_cross_entropy)(params, x, y)
-    ref = jax.grad(lambda p: jn.softmax_cross_entropy(net.apply(p, x), y))(params)
+
+    @fast_jit  # one program, not op by op
+    def both(params, x, y):
+        return (jn.manual_value_and_grad(net, jn.softmax_cross_entropy)(params, x, y),
+                jax.grad(lambda p: jn.softmax_cross_entropy(net.apply(p, x), y))(params))
+
+    (value, grads), ref = both(params, x, y)
     chex.assert_trees_all_close(grads, ref, rtol=1e-12)
     assert np.isfinite(float(value))

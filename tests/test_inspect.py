@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _fast import fast_jit, normal, numpy_init
 
 import jaxnet
 from jaxnet import Dense, Identity, Relu, check_activation, collapse_linear, residual, serial
@@ -31,7 +32,7 @@ def test_summary_counts_match_init():
     net = serial(Dense(32), Relu, residual(Dense(32), jaxnet.Tanh, Dense(32)), jaxnet.LayerNorm(),
                  Dense(128), Relu, Dense(3))
     s = jaxnet.summary(net, (-1, 7))
-    _, params = net.init(KEY, (-1, 7))
+    _, params = jax.eval_shape(lambda: net.init(KEY, (-1, 7)))  # init's shapes, not compiled
     assert s.param_count == sum(x.size for x in jax.tree_util.tree_leaves(params))
     assert (s.depth, s.width) == (4, 128)
     assert "residual_0/dense_1" in [i.path for i in s.layers]
@@ -44,15 +45,22 @@ def test_summary_linear_model_has_depth_zero():
 
 # --- linear collapse -----------------------------------------------------------
 
+# The params below are numpy draws (tests/_fast.py) with nonzero biases, so that the folded
+# biases are checked too; both nets' outputs are computed in one compiled program.
+
+def _outputs(net, params, new_net, new_params, in_dim):
+    return fast_jit(lambda p, q, x: (new_net.apply(q, x), net.apply(p, x)))(
+        params, new_params, normal((5, in_dim), 1))
+
+
 def _outputs_equal(net, params, new_net, new_params, in_dim):
-    x = jax.random.normal(jax.random.key(1), (5, in_dim))
-    chex.assert_trees_all_close(new_net.apply(new_params, x), net.apply(params, x),
+    chex.assert_trees_all_close(*_outputs(net, params, new_net, new_params, in_dim),
                                 rtol=1e-10, atol=1e-12)
 
 
 def test_two_dense_layers_are_one():
     net = serial(Dense(9), Dense(4))  # the seed's 8x9 and 9x4 example
-    _, params = net.init(KEY, (-1, 8))
+    _, params = numpy_init(net, (-1, 8))
     new_net, new_params = collapse_linear(net, params)
     assert list(new_params) == ["dense_0"]
     assert new_params["dense_0"]["w"].shape == (8, 4)
@@ -66,7 +74,7 @@ def test_two_dense_layers_are_one():
 def test_runs_fuse_but_nonlinearities_stay():
     net = serial(Dense(6), Identity, Dense(5), Dense(4), Relu, Dense(3), Dense(2),
                  residual(Dense(5), Dense(2)))
-    _, params = net.init(KEY, (-1, 3))
+    _, params = numpy_init(net, (-1, 3))
     new_net, new_params = collapse_linear(net, params)
     assert [c.label for _, c in new_net.children] == ["Dense(4)", "Relu", "Dense(2)", "residual"]
     assert jaxnet.summary(new_net, (-1, 3)).depth == 2
@@ -75,7 +83,7 @@ def test_runs_fuse_but_nonlinearities_stay():
 
 def test_collapse_of_a_nonlinear_net_changes_nothing():
     net = jaxnet.mlp([8, 8], 2, "tanh")
-    _, params = net.init(KEY, (-1, 3))
+    _, params = numpy_init(net, (-1, 3))
     new_net, new_params = collapse_linear(net, params)
     assert jaxnet.summary(new_net, (-1, 3)).widths == [8, 8, 2]
     _outputs_equal(net, params, new_net, new_params, 3)
@@ -83,7 +91,7 @@ def test_collapse_of_a_nonlinear_net_changes_nothing():
 
 def test_collapse_of_a_linear_mlp():
     net = jaxnet.mlp([16, 16, 16], 3, activation="identity")
-    _, params = net.init(KEY, (-1, 4))
+    _, params = numpy_init(net, (-1, 4))
     new_net, new_params = collapse_linear(net, params)
     assert jaxnet.summary(new_net, (-1, 4)).depth == 0
     _outputs_equal(net, params, new_net, new_params, 4)
@@ -91,15 +99,14 @@ def test_collapse_of_a_linear_mlp():
 
 def test_collapse_inside_mixed_precision_keeps_the_policy():
     net = jaxnet.mixed_precision(jaxnet.mlp([16, 16], 3, activation="identity"), "float32")
-    _, params = net.init(KEY, (-1, 4))
+    _, params = numpy_init(net, (-1, 4))
     new_net, new_params = collapse_linear(net, params)
     assert new_net.kind == "mixed_precision"
     assert new_net.config["policy"] == net.config["policy"]
     assert jaxnet.summary(new_net, (-1, 4)).depth == 0
-    x = jax.random.normal(jax.random.key(1), (5, 4))
     # float32 compute: W₁(W₂W₃) against (xW₁)W₂W₃ differ by reassociation, a few float32
     # ulps (eps 1.2e-7) on sums of 16 terms.
-    chex.assert_trees_all_close(new_net.apply(new_params, x), net.apply(params, x),
+    chex.assert_trees_all_close(*_outputs(net, params, new_net, new_params, 4),
                                 rtol=1e-5, atol=1e-6)
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _fast import fast_jit, normal, numpy_init
 
 import jaxnet
 from jaxnet.precision import (
@@ -31,7 +32,7 @@ def _blobs(n=128, d=8, classes=3, seed=0):
     centres = rng.standard_normal((classes, d)) * 3
     y = rng.integers(0, classes, n)
     x = centres[y] + rng.standard_normal((n, d))
-    return jnp.asarray(x, jnp.float32), jnp.asarray(y)
+    return jax.device_put((x.astype(np.float32), y))  # converted in numpy: nothing compiled
 
 
 def _dtypes(tree):
@@ -72,7 +73,7 @@ def test_policy_stores_params_in_float32_computes_in_bfloat16_returns_float32():
 
 def test_manual_backward_rule_follows_the_policy():
     net = mixed_precision(jaxnet.mlp([16, 16], 3, "tanh"), "bfloat16")
-    _, params = net.init(jax.random.key(0), (-1, 8))
+    _, params = numpy_init(net, (-1, 8))  # the init's dtypes (float32), drawn in numpy
     x, _ = _blobs(16)
 
     @jax.jit
@@ -103,7 +104,7 @@ def _train(net, params, x, y, steps, grad="auto", lr=1e-2):
         g = jax.grad(lambda o: jaxnet.softmax_cross_entropy(o, y))(out)
         return jaxnet.softmax_cross_entropy(out, y), net.bwd(p, res, g)[0]
 
-    @jax.jit
+    @fast_jit  # level 0 (tests/_fast.py): a quarter less compile time, 8 activations
     def step(p, o):
         loss, g = (auto_grad if grad == "auto" else manual_grad)(p)
         finite, rel = all_finite(g), jnp.zeros(())
@@ -247,12 +248,16 @@ def test_manual_gradients_and_summary_of_a_wrapped_net_with_a_fused_output():
     """The wrapper is not mistaken for the serial it wraps: the manual pass takes the
     unfused path through it (and agrees with jax.grad), summary sees the inner layers."""
     net = jaxnet.mixed_precision(jaxnet.mlp([8], 3, "relu", "log_softmax"), "float32")
-    _, params = net.init(jax.random.key(0), (-1, 4))
-    x, t = jax.random.normal(jax.random.key(1), (5, 4)), jnp.arange(5) % 3
+    _, params = numpy_init(net, (-1, 4))
+    x, t = normal((5, 4), 1), jnp.arange(5) % 3
     f = jaxnet.manual_value_and_grad(net, jaxnet.softmax_cross_entropy)
-    value, grads = f(params, x, t)
-    want_value, want = jax.value_and_grad(
-        lambda p: jaxnet.softmax_cross_entropy(net.apply(p, x), t))(params)
+
+    @fast_jit  # the manual pass and jax.grad as one program, not op by op
+    def both(params, x, t):
+        return f(params, x, t), jax.value_and_grad(
+            lambda p: jaxnet.softmax_cross_entropy(net.apply(p, x), t))(params)
+
+    (value, grads), (want_value, want) = both(params, x, t)
     np.testing.assert_allclose(value, want_value, rtol=1e-6)
     chex.assert_trees_all_close(grads, want, rtol=1e-5, atol=1e-7)
     s = jaxnet.summary(net, (-1, 4))

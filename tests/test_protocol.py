@@ -6,6 +6,7 @@ import dataclasses
 import pathlib
 import pickle
 import re
+from functools import partial
 
 import chex
 import cloudpickle
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _fast import fast_jit, normal, numpy_init
 from jax.example_libraries import stax
 
 import jaxnet as jn
@@ -34,7 +36,7 @@ NETS = [jn.Dense(3), jn.Relu, jn.Flatten, jn.mlp([4, 4], 2, "tanh", "log_softmax
 @pytest.mark.parametrize("net", NETS, ids=lambda n: n.label)
 def test_a_layer_copies_and_pickles_and_still_works(net):
     x = jnp.ones((2, 3))
-    _, params, state = net.init_with_state(KEY, (-1, 3))
+    _, params, state = numpy_init(net, (-1, 3), with_state=True)
     want = net.apply_with_state(params, state, x, rng=KEY, mode="eval")[0]
     for other in (copy.copy(net), copy.deepcopy(net), pickle.loads(pickle.dumps(net)),
                   cloudpickle.loads(cloudpickle.dumps(net))):
@@ -107,17 +109,22 @@ def test_two_children_with_one_name_are_an_error_naming_both():
 # --- structure: the fused output gradient through wrappers --------------------------------
 
 def _grads_agree(net, loss, x, y):
-    _, params = net.init(KEY, (-1, x.shape[-1]))
+    _, params = numpy_init(net, (-1, x.shape[-1]))
     f = jn.manual_value_and_grad(net, loss)
-    value, grads = f(params, x, y)
-    ref_value, ref = jax.value_and_grad(lambda p: loss.formula(net.apply(p, x), y))(params)
+
+    @fast_jit  # the manual pass and jax.grad as one program, not op by op
+    def both(params, x, y):
+        return f(params, x, y), jax.value_and_grad(
+            lambda p: loss.formula(net.apply(p, x), y))(params)
+
+    (value, grads), (ref_value, ref) = both(params, x, y)
     chex.assert_trees_all_close(value, ref_value, rtol=1e-10)
     chex.assert_trees_all_close(grads, ref, rtol=1e-6, atol=1e-8)
     return f
 
 
 def test_the_fused_gradient_is_found_through_mixed_precision_and_nested_serials():
-    x, y = jax.random.normal(KEY, (8, 5)), jnp.arange(8) % 3
+    x, y = normal((8, 5)), jnp.arange(8) % 3
     wrapped = jn.mixed_precision(jn.mlp([6], 3, "tanh", "log_softmax"), "float32")
     assert jn.manual_value_and_grad(
         jn.mixed_precision(jn.mlp([6], 3, "tanh", "log_softmax")), jn.softmax_cross_entropy).fused
@@ -158,22 +165,26 @@ def test_apply_and_fwd_receive_only_what_the_user_passes():
 
 # --- check_layer ------------------------------------------------------------------------
 
+# Three float input shapes, shared: check_layer draws its inputs with jax.random, one compiled
+# program per shape and dtype (0.2-0.5 s each); the layers' checks do not depend on the sizes.
+# Sizes stay unequal where it matters: Dense(3) on 4 features (not square), time steps (5)
+# unlike channels (4), an odd length for Conv1D's stride 2 and the pools' leftover step.
 BUILT_IN = [
-    (jn.Dense(4), (-1, 3), {}), (jn.Sigmoid, (-1, 3), {}), (jn.Softmax, (-1, 4), {}),
-    (jn.LogSoftmax, (-1, 4), {}), (jn.Activation("elu", alpha=0.5), (-1, 3), {}),
-    (jn.Flatten, (-1, 2, 3), {}), (jn.Dropout(0.3), (-1, 4), {"rng": KEY}),
-    (jn.LayerNorm(), (-1, 5), {}), (jn.BatchNorm(), (-1, 5), {}),
-    (jn.BatchNorm(), (-1, 3, 3, 2), {"mode": "eval"}), (jn.Conv2D(3, 2), (-1, 5, 5, 2), {}),
-    (jn.Conv1D(4, 3, strides=2), (-1, 9, 2), {}), (jn.ConvTranspose(2, (3,)), (-1, 5, 2), {}),
-    (jn.MaxPool((2,)), (-1, 6, 2), {}), (jn.AvgPool((2, 2), (2, 2)), (-1, 4, 4, 2), {}),
-    (jn.SumPool((2,)), (-1, 6, 2), {}), (jn.GlobalAvgPool, (-1, 4, 2), {}),
-    (jn.GroupNorm(2), (-1, 3, 4), {}), (jn.RMSNorm(), (-1, 4), {}),
+    (jn.Dense(3), (-1, 4), {}), (jn.Sigmoid, (-1, 4), {}), (jn.Softmax, (-1, 4), {}),
+    (jn.LogSoftmax, (-1, 4), {}), (jn.Activation("elu", alpha=0.5), (-1, 4), {}),
+    (jn.Flatten, (-1, 5, 4), {}), (jn.Dropout(0.3), (-1, 4), {"rng": KEY}),
+    (jn.LayerNorm(), (-1, 4), {}), (jn.BatchNorm(), (-1, 4), {}),
+    (jn.BatchNorm(), (-1, 4, 4, 2), {"mode": "eval"}), (jn.Conv2D(3, 2), (-1, 4, 4, 2), {}),
+    (jn.Conv1D(4, 3, strides=2), (-1, 5, 4), {}), (jn.ConvTranspose(2, (3,)), (-1, 5, 4), {}),
+    (jn.MaxPool((2,)), (-1, 5, 4), {}), (jn.AvgPool((2, 2), (2, 2)), (-1, 4, 4, 2), {}),
+    (jn.SumPool((2,)), (-1, 5, 4), {}), (jn.GlobalAvgPool, (-1, 5, 4), {}),
+    (jn.GroupNorm(2), (-1, 5, 4), {}), (jn.RMSNorm(), (-1, 4), {}),
     (jn.PositionalEmbedding(8), (-1, 5, 4), {}),
     (jn.MultiHeadAttention(2, 2), (-1, 5, 4), {"causal": True}),
     # the recompute backward and TransformerBlock (its pieces' rules composed) are checked
     # against jax.vjp in tests/test_attention.py and the random nets of test_backprop_layers
     (jn.serial(jn.FanOut(2), jn.parallel(jn.Dense(3), jn.Dense(3)), jn.FanInConcat()),
-     (-1, 3), {}),
+     (-1, 4), {}),
 ]
 
 
@@ -185,7 +196,7 @@ def test_every_built_in_layer_passes_check_layer(layer, shape, kwargs):
 def test_mixed_precision_passes_check_layer_in_its_compute_dtype():
     # float32 compute: a float64 check would compare float32 arithmetic with rtol 1e-10
     net = jn.mixed_precision(jn.mlp([4], 2), "float32")
-    assert jn.check_layer(net, (-1, 3), dtypes=("float32",)).passed
+    assert jn.check_layer(net, (-1, 4), dtypes=("float32",)).passed
 
 
 def test_embedding_passes_check_layer_with_integer_inputs():
@@ -215,8 +226,9 @@ def _scaled(factor, extra_key=False):
 def test_check_layer_catches_a_wrong_rule_and_a_wrong_gradient_tree():
     assert jn.check_layer(_scaled(1.0), (-1, 4)).passed
     with pytest.raises(jn.LayerCheckError, match=r"FAIL input_grad float32"):
-        jn.check_layer(_scaled(1.01), (-1, 4))
-    report = jn.check_layer(_scaled(1.0, extra_key=True), (-1, 4), raise_on_failure=False)
+        jn.check_layer(_scaled(1.01), (-1, 4), dtypes=("float32",))  # what is asserted
+    report = jn.check_layer(_scaled(1.0, extra_key=True), (-1, 4), dtypes=("float32",),
+                            raise_on_failure=False)
     assert not report.passed
     assert any("param_grads float32[b]" in c.name for c in report.failures())
 
@@ -239,32 +251,39 @@ def test_a_stateless_net_has_empty_state_and_a_stateful_one_needs_it():
 
 def test_batch_norm_state_train_updates_eval_reads_and_manual_matches_jax_grad():
     net = bn_net()
-    _, params, state = net.init_with_state(KEY, (-1, 6, 2))
-    x, y = jax.random.normal(KEY, (8, 6, 2)), jnp.arange(8) % 3
-
-    def objective(p, mode):
-        out, new = net.apply_with_state(p, state, x, mode=mode)
-        return jn.softmax_cross_entropy(out, y), new
-
+    # numpy draws (tests/_fast.py), the running statistics too: mean ≠ 0, var ≠ 1
+    _, params, state = numpy_init(net, (-1, 6, 2), with_state=True)
+    x, y = normal((8, 6, 2)), jnp.arange(8) % 3
     f = jn.manual_value_and_grad(net, jn.softmax_cross_entropy)
+
+    @partial(fast_jit, static_argnames="mode")  # one program per mode, not op by op
+    def both(params, state, mode):
+        def objective(p):
+            out, new = net.apply_with_state(p, state, x, mode=mode)
+            return jn.softmax_cross_entropy(out, y), new
+
+        return (f(params, x, y, state=state, mode=mode),
+                jax.value_and_grad(objective, has_aux=True)(params))
+
     for mode in ("train", "eval"):
-        (value, new_state), grads = f(params, x, y, state=state, mode=mode)
-        (ref_value, ref_state), ref = jax.value_and_grad(objective, has_aux=True)(params, mode)
+        ((value, new_state), grads), ((ref_value, ref_state), ref) = both(params, state, mode)
         chex.assert_trees_all_close((value, new_state, grads), (ref_value, ref_state, ref),
                                     rtol=1e-10, atol=1e-12)
-    (_, trained), _ = f(params, x, y, state=state, mode="train")
-    assert not np.allclose(trained["batch_norm_0"]["mean"], 0)  # train updates the statistics
-    (_, read), _ = f(params, x, y, state=trained, mode="eval")
+    ((_, trained), _), _ = both(params, state, "train")
+    for k in ("mean", "var"):                                   # train updates the statistics
+        assert not np.allclose(trained["batch_norm_0"][k], state["batch_norm_0"][k])
+    ((_, read), _), _ = both(params, trained, "eval")
     chex.assert_trees_all_equal(read, trained)                  # eval reads them
 
 
 def test_eval_output_of_an_example_does_not_depend_on_its_batch():
     net = bn_net()
-    _, params, state = net.init_with_state(KEY, (-1, 6, 2))
-    state = jax.tree.map(lambda a: a + 0.3, state)
-    x = jax.random.normal(KEY, (8, 6, 2))
-    alone = net.apply_with_state(params, state, x[:1], mode="eval")[0]
-    among = net.apply_with_state(params, state, x, mode="eval")[0][:1]
+    _, params, state = numpy_init(net, (-1, 6, 2), with_state=True)  # tests/_fast.py
+    state = jax.tree.map(lambda a: np.asarray(a) + 0.3, state)
+    x = normal((8, 6, 2))
+    apply = fast_jit(partial(net.apply_with_state, mode="eval"))  # one program per batch size
+    alone = apply(params, state, x[:1])[0]
+    among = apply(params, state, x)[0][:1]
     chex.assert_trees_all_close(alone, among, rtol=1e-12)
 
 
@@ -296,13 +315,14 @@ def test_fit_trains_a_batch_norm_net_and_keeps_the_best_state(grad, tmp_path):
 def test_manual_gradients_have_their_params_dtypes_under_make_epoch():
     net = jn.serial(jn.Dense(8), jn.LayerNorm(), jn.Relu, jn.Dense(3))
     opt = optax.adam(1e-3)
-    state = train.init_state(net, opt, 0, (-1, 4), dtype=jnp.float32)
-    params = dict(state.params)
-    params["dense_0"] = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params["dense_0"])
-    state = train.TrainState(params, opt.init(params), state.step, state.key)
-    x, y = jnp.ones((2, 4, 4), jnp.float32), jnp.zeros((2, 4), jnp.int32)
+    _, params = numpy_init(net, (-1, 4), dtype=np.float32)  # made and cast in numpy
+    params["dense_0"] = jax.device_put(
+        jax.tree.map(lambda a: np.asarray(a).astype(jnp.bfloat16), params["dense_0"]))
+    state = train.TrainState(params, opt.init(params), jnp.zeros((), jnp.int32),
+                             jax.random.PRNGKey(0))
+    x, y = np.ones((2, 4, 4), np.float32), np.zeros((2, 4), np.int32)
     f = jn.manual_value_and_grad(net, jn.softmax_cross_entropy)
-    _, grads = f(params, x[0], y[0])
+    _, grads = fast_jit(f)(params, x[0], y[0])  # one program, not op by op
     assert jax.tree.map(lambda g: g.dtype, grads) == jax.tree.map(lambda p: p.dtype, params)
     new, losses = train.make_epoch(net, jn.softmax_cross_entropy, opt, "manual")(state, x, y)
     assert new.params["dense_0"]["w"].dtype == jnp.bfloat16 and losses.shape == (2,)
@@ -316,7 +336,6 @@ def test_mlp_takes_an_activation_function_with_its_hand_derivative():
 
     softsign.derivative = lambda a: 1 / (1 + jnp.abs(a)) ** 2
     net = jn.mlp([4], 2, softsign)
-    _, params = net.init(KEY, (-1, 3))
     x, y = jnp.ones((2, 3)), jnp.ones((2, 2))
     _grads_agree(net, jn.l2_loss, x, y)
     hidden = jn.mlp([4], 2, jn.tanh).children[1][1]  # a built-in function: its registered layer
@@ -341,7 +360,7 @@ def test_register_checks_the_derivative_before_registering():
 # --- errors that say what is wrong (issue 10) --------------------------------------------
 
 def test_dense_refuses_params_of_another_width():
-    _, wide = jn.Dense(32).init(KEY, (-1, 8))
+    _, wide = numpy_init(jn.Dense(32), (-1, 8))
     with pytest.raises(jn.ShapeError, match=r"Dense\(16\): parameter 'w' has shape \(8, 32\), "
                                             r"expected \(8, 16\)"):
         jn.Dense(16).apply(wide, jnp.ones((2, 8)))
@@ -349,15 +368,15 @@ def test_dense_refuses_params_of_another_width():
 
 def test_missing_params_and_wrong_keys_name_the_path():
     net = jn.mlp([4], 2)
-    _, params = net.init(KEY, (-1, 3))
+    _, params = numpy_init(net, (-1, 3))
     with pytest.raises(jn.ShapeError, match=r"dense_1: Dense\(2\) has no parameter 'w'"):
         net.apply({"dense_0": params["dense_0"]}, jnp.ones((2, 3)))
     renamed = {**params, "dense_0": {"W": params["dense_0"]["w"], "b": params["dense_0"]["b"]}}
     with pytest.raises(jn.ShapeError, match=r"dense_0: Dense\(4\) has no parameter 'w'.*'W'"):
         net.apply(renamed, jnp.ones((2, 3)))
     block = jn.serial(jn.Dense(4), jn.residual(jn.Dense(4), jn.Relu))
-    _, p = block.init(KEY, (-1, 3))
-    _, other = jn.Dense(5).init(KEY, (-1, 4))
+    _, p = numpy_init(block, (-1, 3))
+    _, other = numpy_init(jn.Dense(5), (-1, 4))
     with pytest.raises(jn.ShapeError, match=r"residual_0/dense_0: Dense\(4\): parameter 'w' "
                                             r"has shape \(4, 5\), expected \(4, 4\)"):
         block.apply({**p, "residual_0": {"dense_0": other}}, jnp.ones((2, 3)))
