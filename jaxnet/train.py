@@ -284,11 +284,16 @@ def _lean_train_step(net: Any, loss: Loss, optimizer: optax.GradientTransformati
     stateful = _compile(stateful, donate_state=donate, state_args=3)
     kind: list[str] = []  # "full", "stateful" or "stateless": decided at the first call
 
-    def step(state: TrainState, inputs: Array, targets: Array) -> tuple[TrainState, Array]:
+    def decide(state, inputs, targets):
         if not kind:
             kind.append("full" if draws_randomness(net, loss, state, inputs, targets, grad)
                         else "stateful" if jax.tree_util.tree_leaves(state.model_state)
                         else "stateless")
+        return kind[0]
+
+    def step(state: TrainState, inputs: Array, targets: Array) -> tuple[TrainState, Array]:
+        if not kind:
+            decide(state, inputs, targets)
         if kind[0] == "stateless":  # first: the plain MLP's path, taken every step
             params, opt_state, value = stateless(state.params, state.opt_state, inputs, targets)
             return TrainState(params, opt_state, _next_count(state.step), state.key,
@@ -300,7 +305,19 @@ def _lean_train_step(net: Any, loss: Loss, optimizer: optax.GradientTransformati
         return TrainState(params, opt_state, _next_count(state.step), state.key,
                           model_state), value
 
-    # as on a jax.jit function: how many programs are compiled (for tests of recompilation)
+    def lower(state: TrainState, inputs: Array, targets: Array) -> Any:
+        """``jax.stages.Lowered`` of the program this state's step runs (for
+        ``.compile().memory_analysis()``, ``.as_text()``); its arguments are the params and
+        optimizer state (and model state) then inputs and targets, or the whole state."""
+        path = decide(state, inputs, targets)
+        if path == "full":
+            return full.lower(state, inputs, targets)
+        parts = (state.params, state.opt_state) + (
+            (state.model_state,) if path == "stateful" else ())
+        return (stateful if path == "stateful" else stateless).lower(*parts, inputs, targets)
+
+    # as on a jax.jit function: lower, and how many programs are compiled (for tests)
+    step.lower = lower
     step._cache_size = lambda: sum(f._cache_size() for f in (stateless, stateful, full))
     return step
 

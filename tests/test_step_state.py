@@ -62,3 +62,15 @@ def test_a_lean_step_continues_from_a_scanned_epoch_and_compiles_once():
     for x, y in zip(X, Y):
         state, _ = step(state, x, y)
     assert int(state.step) == 8 and step._cache_size() == 1
+
+
+@pytest.mark.parametrize("name", ["mlp", "batch_norm", "dropout"])
+def test_lower_gives_the_program_the_step_runs(name):
+    net, opt = NETS[name], optax.adam(1e-2)
+    state = state_of(net, opt)
+    lowered = train.make_train_step(net, LOSS, opt).lower(state, X[0], Y[0])
+    carried = (state if name == "dropout" else
+               (state.params, state.opt_state, state.model_state))  # the key: dropout only
+    assert len(jax.tree_util.tree_leaves(lowered.args_info)) == len(
+        jax.tree_util.tree_leaves(carried)) + 2
+    assert lowered.compile().memory_analysis() is not None
