@@ -54,7 +54,9 @@ class TrainState(NamedTuple):
     Attributes:
       params: the network's parameters.
       opt_state: the optax optimizer's state.
-      step: int32 scalar, the number of steps taken.
+      step: int32 scalar, the number of steps taken. For a net that draws no
+        randomness :func:`make_train_step` counts it on the host (a NumPy int32), so
+        the compiled call carries neither it nor the key.
       key: uint32[2] raw PRNG key; split once per epoch for shuffling, and
         ``fold_in(key, step)`` gives each step's dropout key.
       model_state: the net's model state (BatchNorm's running statistics), keyed

@@ -406,8 +406,7 @@ def test_a_second_ctrl_c_during_the_save_waits_for_it(tmp_path, monkeypatch, cap
 
 
 def _env():
-    return {**os.environ, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": "--xla_llvm_disable_expensive_passes=true"}
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}  # with conftest's JAX_DISABLE_MOST_OPTIMIZATIONS
 
 
 def test_sigterm_saves_a_checkpoint_and_the_report_and_exits_143(tmp_path):

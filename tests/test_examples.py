@@ -59,7 +59,7 @@ def test_mnist1d_example_runs_the_paper_mlp():
     assert r["test_accuracy"][0] > 0.15  # 10 classes: chance is 0.1
 
 
-def test_mnist1d_cnn_example_runs_the_paper_cnn():
+def test_mnist1d_cnn_example_runs_the_paper_cnn(xla_optimized):
     r = example("mnist1d_cnn").main(["--seeds", "0", "--steps", "80"])
     assert r["params"] == 5210 and r["steps"] == 80 and len(r["test_accuracy"]) == 1
     assert r["test_accuracy"][0] > 0.15  # 10 classes: chance is 0.1
@@ -72,7 +72,7 @@ def test_transformer_example_trains_with_manual_and_automatic_gradients():
     assert r["auto_losses"][-1] < r["auto_losses"][0]
 
 
-def test_digits_cnn_example_trains_with_batchnorm():
+def test_digits_cnn_example_trains_with_batchnorm(xla_optimized):
     r = example("digits_cnn").main(["--seeds", "0", "--epochs", "1"])
     assert r["state_count"] == 256 and r["epochs_run"] == [1]
     assert r["test_accuracy"][0] > 0.5

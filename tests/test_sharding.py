@@ -26,7 +26,7 @@ TOL = 1e-5  # float32, four Adam steps
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_llvm_disable_expensive_passes=true"  # no forced device count
+    env.pop("XLA_FLAGS", None)  # the worker sets its own (JAX_DISABLE_MOST_OPTIMIZATIONS stays)
     for k in ("JAXNET_COORDINATOR", "JAXNET_NUM_PROCESSES", "JAXNET_PROCESS_ID"):
         env.pop(k, None)
     return env
