@@ -196,13 +196,6 @@ def train_step_fn(net: Any, loss: Loss, optimizer: optax.GradientTransformation,
 _UNUSED_RNG = (2,), jnp.uint32  # a raw key's shape and dtype
 
 
-def _abstract(tree: Any) -> Any:
-    """Shapes and dtypes only (of arrays, tracers or ``ShapeDtypeStruct`` s)."""
-    return jax.tree_util.tree_map(
-        lambda a: jax.ShapeDtypeStruct(np.shape(a) if not hasattr(a, "shape") else a.shape,
-                                       getattr(a, "dtype", None) or jnp.result_type(a)), tree)
-
-
 def draws_randomness(net: Any, loss: Loss, state: TrainState, inputs: Any, targets: Any,
                      grad: str = "auto") -> bool:
     """Whether a training step of ``net`` reads its PRNG key (Dropout does; a plain MLP does not).
@@ -218,9 +211,9 @@ def draws_randomness(net: Any, loss: Loss, state: TrainState, inputs: Any, targe
     def objective(rng, params, model_state, inputs, targets):
         return value_and_grad(params, model_state, inputs, targets, rng=rng, mode="train")
 
-    closed = jax.make_jaxpr(objective)(jax.ShapeDtypeStruct(*_UNUSED_RNG),
-                                       *_abstract((state.params, state.model_state, inputs,
-                                                   targets)))
+    # make_jaxpr takes arrays, tracers and ShapeDtypeStructs alike, by shape and dtype
+    closed = jax.make_jaxpr(objective)(jax.ShapeDtypeStruct(*_UNUSED_RNG), state.params,
+                                       state.model_state, inputs, targets)
     return _live_inputs(closed.jaxpr, [True] * len(closed.jaxpr.outvars))[0]
 
 
@@ -294,13 +287,12 @@ def _lean_train_step(net: Any, loss: Loss, optimizer: optax.GradientTransformati
         return kind[0]
 
     def step(state: TrainState, inputs: Array, targets: Array) -> tuple[TrainState, Array]:
-        if not kind:
-            decide(state, inputs, targets)
-        if kind[0] == "stateless":  # first: the plain MLP's path, taken every step
+        path = kind[0] if kind else decide(state, inputs, targets)
+        if path == "stateless":  # first: the plain MLP's path, taken every step
             params, opt_state, value = stateless(state.params, state.opt_state, inputs, targets)
             return TrainState(params, opt_state, _next_count(state.step), state.key,
                               state.model_state), value
-        if kind[0] == "full":
+        if path == "full":
             return full(state, inputs, targets)
         params, opt_state, model_state, value = stateful(
             state.params, state.opt_state, state.model_state, inputs, targets)
