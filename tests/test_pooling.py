@@ -97,6 +97,63 @@ def test_max_pool_routes_to_the_first_maximum_by_hand():
     chex.assert_trees_all_equal(dx.reshape(2, 3), jnp.array([[0.0, 11.0, 0.0], [0, 0, 0]]))
 
 
+def _reduce_window_max(layer, pads):
+    """Max pooling by ``lax.reduce_window`` alone: XLA's own reverse-mode derivative
+    (select-and-scatter), the independent reference for the layer's custom JVP."""
+    c = layer.config
+    return lambda x: jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1,) + c["window_shape"] + (1,), (1,) + c["strides"] + (1,),
+        ((0, 0),) + tuple(pads) + ((0, 0),))
+
+
+def numpy_max_pool_jvp(x, t, layer, pads):
+    """ẏ[o] = ṫ at the first maximal cell of window o (row-major), by loops in numpy."""
+    c = layer.config
+    window, strides = c["window_shape"], c["strides"]
+    full = ((0, 0),) + tuple(pads) + ((0, 0),)
+    x, t = np.pad(np.asarray(x), full, constant_values=-np.inf), np.pad(np.asarray(t), full)
+    outs = [(p - w) // s + 1 for p, w, s in zip(x.shape[1:-1], window, strides)]
+    dy = np.zeros((x.shape[0], *outs, x.shape[-1]))
+    for o in itertools.product(*map(range, outs)):
+        cells = [(slice(None),) + tuple(s * oj + kj for oj, kj, s in zip(o, k, strides))
+                 for k in itertools.product(*map(range, window))]
+        first = np.argmax(np.stack([x[cell] for cell in cells]), axis=0)  # (N, C)
+        picked = np.stack([t[cell] for cell in cells])
+        dy[(slice(None),) + o] = np.take_along_axis(picked, first[None], 0)[0]
+    return dy
+
+
+@pytest.mark.parametrize("i", [0, 1, 2])
+@pytest.mark.parametrize("ties", [False, True])
+def test_max_pool_autodiff_follows_the_first_maximum(i, ties):
+    # jax.grad and jax.jvp through MaxPool run its custom JVP, ẏ[o] = ẋ[s·o + k*(o)]:
+    # reverse mode must equal lax.reduce_window's own derivative (select-and-scatter, which
+    # also gives δ to the first maximum), forward mode the numpy loops, and a second
+    # derivative (the Hessian-vector product of Σ y², y piecewise linear: 2·Jᵀ·J·ṫ) the two
+    # combined. Ties are where a rule could differ: jnp.max's derivative splits them evenly,
+    # and jax.jvp of lax.reduce_window picks some tied cells other than the first (seen on
+    # case 1), so forward mode is checked against the loops, not against it. float64, rtol
+    # 1e-12: the same selections; overlapping windows may add their shares in another order
+    layer, shape, pads = CASES[i]
+    x = jnp.round(inputs(shape)) if ties else inputs(shape)
+    t = inputs(shape, seed=2)
+    plain = _reduce_window_max(layer, pads)
+    pool = lambda x: layer.apply({}, x)  # noqa: E731
+    jvp_want = jnp.asarray(numpy_max_pool_jvp(x, t, layer, pads))
+
+    @jax.jit
+    def run(x, t, jvp_want):
+        g = jax.random.normal(jax.random.key(4), jvp_want.shape, x.dtype)
+        vjp_got, vjp_want = (jax.vjp(f, x)[1](g)[0] for f in (pool, plain))
+        jvp_got = jax.jvp(pool, (x,), (t,))[1]
+        hvp_got = jax.jvp(jax.grad(lambda x: jnp.sum(pool(x) ** 2)), (x,), (t,))[1]
+        hvp_want = jax.vjp(plain, x)[1](2 * jvp_want)[0]
+        return (vjp_got, jvp_got, hvp_got), (vjp_want, jvp_want, hvp_want)
+
+    got, want = run(x, t, jvp_want)
+    chex.assert_trees_all_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_avg_pool_padding_modes():
     x = jnp.ones((1, 3, 1))
     with_pad = AvgPool((3,), padding="SAME").apply({}, x).ravel()
