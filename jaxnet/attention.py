@@ -59,12 +59,19 @@ def _scores(q: Array, k: Array) -> Array:
     return jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
 
 
+@jax.custom_jvp
 def _softmax_with_stats(s: Array, allowed: Array | None) -> tuple[Array, Array]:
     """p = softmax over the allowed keys and each row's log-sum-exp lse = m + log Σⱼ e^(sⱼ − m).
 
     A row with no allowed key has p = 0 (its output is 0) and lse = +∞, so that
     e^(s − lse) = 0 gives the same p when it is recomputed. No NaN either way, in the values
-    or in their autodiff derivatives (the masked entries never reach exp or log).
+    or in their derivatives (the masked entries never reach exp or log).
+
+    Its JVP is written by hand: ṗ = p ⊙ (ṡ − Σⱼ pⱼṡⱼ) (σᵢ(δᵢⱼ − σⱼ)), and lse' = Σⱼ pⱼṡⱼ;
+    masked keys have p = 0, so they get no tangent. Autodiff of the masked formula above
+    instead runs through its selects, exp and division: on a 2-core CPU that made
+    ``jax.grad`` of causal attention 1.4× (T = 2048) and 2.3× (T = 4096) slower than
+    ``jax.nn.softmax``'s, which has a rule of its own.
     """
     if allowed is None:
         m = lax.stop_gradient(jnp.max(s, -1, keepdims=True))
@@ -80,6 +87,14 @@ def _softmax_with_stats(s: Array, allowed: Array | None) -> tuple[Array, Array]:
     safe = jnp.where(some, total, jnp.ones((), total.dtype))
     lse = jnp.where(some, m + jnp.log(safe), jnp.asarray(jnp.inf, s.dtype))
     return e / safe, lse[..., 0]
+
+
+@_softmax_with_stats.defjvp
+def _softmax_with_stats_jvp(primals, tangents):
+    (s, allowed), (ds, _) = primals, tangents
+    p, lse = _softmax_with_stats(s, allowed)
+    mean = jnp.sum(p * ds, -1)  # Σⱼ pⱼṡⱼ
+    return (p, lse), (p * (ds - mean[..., None]), mean)
 
 
 def attention_weights(q: Array, k: Array, causal: bool = False,

@@ -24,8 +24,10 @@ def normal(shape, seed):
 
 
 def reference(params, inputs, num_heads, causal=False, mask=None):
-    """Attention written out: per-head scores, -inf where not allowed, jax.nn.softmax, and 0
-    for rows with no allowed key."""
+    """Attention written out: per-head scores, a large negative score where not allowed,
+    jax.nn.softmax, and 0 for rows with no allowed key. (−1e30 rather than −∞: e^(−1e30 − m)
+    is exactly 0 beside an allowed key, and a row with none stays finite, so JAX's own
+    derivatives of this formula have no NaN to mask.)"""
     x, c = inputs if isinstance(inputs, tuple) else (inputs, inputs)
     proj = {name: a @ params[name]["w"] + params[name]["b"]
             for name, a in (("query", x), ("key", c), ("value", c))}
@@ -37,7 +39,7 @@ def reference(params, inputs, num_heads, causal=False, mask=None):
         allowed &= jnp.tril(jnp.ones(s.shape[-2:], bool))
     if mask is not None:
         allowed &= mask[:, None, None, :]
-    p = jax.nn.softmax(jnp.where(allowed, s, -jnp.inf), axis=-1)
+    p = jax.nn.softmax(jnp.where(allowed, s, -1e30), axis=-1)
     p = jnp.where(allowed.any(-1, keepdims=True), p, 0.0)
     o = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(x.shape[0], x.shape[1], -1)
     return o @ params["out"]["w"] + params["out"]["b"]
@@ -74,6 +76,33 @@ def test_formula_and_backward_rule_equal_reference_and_vjp(backward, shapes, kwa
     assert out.shape == out_shape
     check_bwd(layer, params, inputs, jnp.float64,
               reference=lambda p, x: reference(p, x, 2, **kwargs), **kwargs)
+
+
+@pytest.mark.parametrize("backward,shapes,kwargs", CASES, ids=IDS)
+def test_autodiff_equals_autodiff_of_the_reference(backward, shapes, kwargs):
+    # jax.vjp and jax.jvp through the layer run the softmax's hand-written JVP
+    # (ṗ = p ⊙ (ṡ − Σ pṡ)); they must equal JAX's derivatives of the reference formula
+    # (jax.nn.softmax), also to second order (a Hessian-vector product of Σ y²). float64,
+    # rtol 1e-10: the same derivative, summed in another order; atol 1e-10 for the key
+    # bias's gradient, exactly 0 (softmax ignores a shift of a row's scores), which carries
+    # ~1e-12 of rounding from the O(1–10) terms that cancel in it
+    layer, _, params, inputs = setup(backward, shapes)
+    tangents = jax.tree_util.tree_map(lambda a: normal(a.shape, 7), (params, inputs))
+    fns = (lambda p, x: layer.apply(p, x, **kwargs), lambda p, x: reference(p, x, 2, **kwargs))
+
+    @jax.jit
+    def derivatives(primals, tangents):
+        out = []
+        for f in fns:
+            y, vjp = jax.vjp(f, *primals)
+            g = jax.random.normal(jax.random.key(5), y.shape, y.dtype)
+            hvp = jax.jvp(jax.grad(lambda p, x, f=f: jnp.sum(f(p, x) ** 2), (0, 1)),
+                          primals, tangents)[1]
+            out.append((vjp(g), jax.jvp(f, primals, tangents)[1], hvp))
+        return out
+
+    got, want = derivatives((params, inputs), tangents)
+    assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("i", [1])  # masked, an empty row (recompute: against store below)
