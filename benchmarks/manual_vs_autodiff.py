@@ -700,16 +700,53 @@ def plot_nets(net_rows: list[dict], memory_rows: list[dict], path: str, device: 
     fig.savefig(path, dpi=100)
 
 
+def _all_points(result: dict) -> list[dict]:
+    rows = [{"net": "mlp", **r} for r in result.get("rows", [])] + result.get("net_rows", [])
+    return rows + (result.get("attention_memory") or {}).get("points", [])
+
+
+def summary_table(result: dict) -> str:
+    """One markdown row per point (the README's table): each path's ratio to plain autodiff,
+    then its temp MiB, kernels and compile seconds, and the gradient difference of the
+    hand-written paths, path after path in the order manual (store / recompute for
+    attention), jaxnet autodiff, plain autodiff (/ plain checkpoint)."""
+    mib = 2.0 ** 20
+    out = ["| point | manual (store / recompute) | jaxnet autodiff | plain checkpoint | "
+           "temp MiB: manual / jaxnet / plain | kernels m / j / p | compile s m / j / p | "
+           "max rel Δgrad m / j |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in _all_points(result):
+        label = point_label(row).replace("net ", "", 1)
+        if row["net"] == "mlp":
+            label = (f"MLP d{row['depth']} w{row['width']} {row['activation']} "
+                     f"b{row['batch']}")
+        paths = row["paths"]
+        manual = [c for name, c in paths.items() if name.startswith("manual")]
+        check = paths.get("plain_checkpoint")
+
+        def joined(key, fmt, names=None, paths=paths):
+            return " / ".join(fmt(paths[n][key]) for n in (names or paths))
+
+        out.append(" | ".join([
+            f"| {label}", " / ".join(f"{c['ratio']:.2f}" for c in manual),
+            f"{paths['jaxnet_autodiff']['ratio']:.2f}",
+            f"{check['ratio']:.2f}" if check else "–",
+            joined("temp_bytes", lambda v: f"{v / mib:.1f}"), joined("kernels", str),
+            joined("compile_s", lambda v: f"{v:.1f}"),
+            joined("max_rel_grad_diff", lambda v: f"{v:.0e}",
+                   [n for n in paths if not n.startswith("plain")])]) + " |")
+    return "\n".join(out) + "\n"
+
+
 def tables(result: dict) -> str:
-    """Markdown tables of a result JSON: each point's paths with their ratio to plain autodiff,
+    """Markdown tables of a result JSON: the one-row-per-point summary
+    (:func:`summary_table`), then each point's paths with their ratio to plain autodiff,
     compile time, temp and peak memory, kernels, FLOPs, bytes and gradient difference."""
     mib = 2.0 ** 20
-    out = ["| point | path | µs | ratio to plain (min–max) | compile s | temp MiB | peak MiB | "
+    out = [summary_table(result),
+           "| point | path | µs | ratio to plain (min–max) | compile s | temp MiB | peak MiB | "
            "kernels | GFLOP | MB accessed | max rel Δgrad | same program as |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    rows = [{"net": "mlp", **r} for r in result.get("rows", [])] + result.get("net_rows", [])
-    rows += (result.get("attention_memory") or {}).get("points", [])
-    for row in rows:
+    for row in _all_points(result):
         label = point_label(row)
         if row["net"] == "mlp":
             label += f" depth {row['depth']} width {row['width']} {row['activation']}"

@@ -145,32 +145,35 @@ def _attend_blocked(q, k, v, causal, mask, size):
     return o, lse
 
 
-def _attend_recompute_bwd(q, k, v, lse, do, causal, mask, size):
+def _attend_recompute_bwd(q, k, v, o, lse, do, causal, mask, size):
     """(∂L/∂q, ∂L/∂k, ∂L/∂v) from the row statistics lse alone: each block of queries
     recomputes its probabilities p = e^(s − lse) over the allowed keys (``lax.scan``), takes
-    its share of ∂L/∂s by the softmax JVP, and adds its share of ∂L/∂k and ∂L/∂v to the
-    carry. Only (size × S) probabilities exist at once."""
+    its share of ∂L/∂s = p ⊙ (∂L/∂p − Dᵢ), and adds its share of ∂L/∂k and ∂L/∂v to the
+    carry. Only (size × S) probabilities exist at once. The softmax JVP's row sum
+    Dᵢ = Σⱼ pᵢⱼ (δ_oᵢ·vⱼ) is δ_oᵢ·oᵢ (o = Σⱼ pᵢⱼvⱼ), computed once from the output, so no
+    block reduces over its keys for it."""
     t = q.shape[1]
     scale = 1 / jnp.sqrt(jnp.asarray(q.shape[-1], q.dtype))
-    lse_blocks = _blocks(jnp.moveaxis(lse, 2, 1), size)          # (n, B, size, H)
+    row = jnp.stack([lse, jnp.moveaxis(jnp.sum(do * o, -1), 1, 2)], -1)  # (B, H, T, 2)
+    row_blocks = _blocks(jnp.moveaxis(row, 2, 1), size)          # (n, B, size, H, 2)
 
     def step(carry, args):
         dk, dv = carry
-        q_b, do_b, lse_b, start = args
+        q_b, do_b, row_b, start = args
         allowed = _allowed(start + jnp.arange(size), k.shape[1], causal, mask)
         s = _scores(q_b, k)
-        lse_b = jnp.moveaxis(lse_b, 1, 2)[..., None]              # (B, H, size, 1)
-        p = jnp.exp(s - lse_b)
+        row_b = jnp.moveaxis(row_b, 1, 2)[..., None, :]           # (B, H, size, 1, 2)
+        p = jnp.exp(s - row_b[..., 0])
         if allowed is not None:
             p = jnp.where(allowed, p, jnp.zeros((), p.dtype))
         dv = dv + jnp.einsum("bhts,bthd->bshd", p, do_b)
-        ds = softmax_jvp(p, jnp.einsum("bthd,bshd->bhts", do_b, v))
+        ds = p * (jnp.einsum("bthd,bshd->bhts", do_b, v) - row_b[..., 1])
         dk = dk + jnp.einsum("bhts,bthd->bshd", ds, q_b) * scale
         return (dk, dv), jnp.einsum("bhts,bshd->bthd", ds, k) * scale
 
     starts = jnp.arange(0, t + (-t % size), size)
     (dk, dv), dq = lax.scan(step, (jnp.zeros_like(k), jnp.zeros_like(v)),
-                            (_blocks(q, size), _blocks(do, size), lse_blocks, starts))
+                            (_blocks(q, size), _blocks(do, size), row_blocks, starts))
     dq = jnp.moveaxis(dq, 0, 1).reshape(q.shape[0], -1, *q.shape[2:])[:, :t]
     return dq, dk, dv
 
@@ -331,8 +334,8 @@ def MultiHeadAttention(num_heads: int, head_dim: int | None = None, out_dim: int
         if backward == "store":
             dq, dk, dv = _attend_stored_bwd(q, k, v, stats, do)
         else:
-            dq, dk, dv = _attend_recompute_bwd(q, k, v, stats, do, causal, mask,
-                                               min(block_size, x.shape[1]))
+            dq, dk, dv = _attend_recompute_bwd(q, k, v, o.reshape(q.shape), stats, do,
+                                               causal, mask, min(block_size, x.shape[1]))
         dx = dc = None
         for proj, a, dh in zip(_PROJECTIONS, (x, c, c), (dq, dk, dv)):
             dh = dh.reshape(*dh.shape[:2], -1)

@@ -134,6 +134,16 @@ def test_manual_vs_autodiff_writes_three_paths_for_every_net(tmp_path, monkeypat
             assert col["max_rel_grad_diff"] < 1e-3, (name, col["max_rel_grad_diff"])
         assert row["paths"]["plain_autodiff"]["ratio"] == 1.0
     assert (tmp_path / "m.png").exists() and (tmp_path / "m_nets.png").exists()
+    # the README's table: one row per point, the ratios and memory read from the JSON
+    summary = bench.summary_table(result).splitlines()
+    assert len(summary) == 2 + 3
+    assert summary[2].startswith("| MLP d1 w8 relu b4 | ")
+    cells = summary[4].split(" | ")  # the attention point: store / recompute, jaxnet, checkpoint
+    paths = att["paths"]
+    assert cells[1] == f"{paths['manual_store']['ratio']:.2f} / " \
+                       f"{paths['manual_recompute']['ratio']:.2f}"
+    assert cells[3] == f"{paths['plain_checkpoint']['ratio']:.2f}"
+    assert cells[4].split(" / ")[1] == f"{paths['manual_recompute']['temp_bytes'] / 2**20:.1f}"
 
 
 def test_step_overhead_compares_the_lean_step_with_the_whole_state_step(tmp_path):
