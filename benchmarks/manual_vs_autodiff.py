@@ -645,6 +645,11 @@ def attention_memory(args) -> dict:
     return {"points": rows}
 
 
+PATH_COLORS = {"manual": "tab:blue", "manual_store": "tab:blue", "manual_recompute": "tab:cyan",
+               "jaxnet_autodiff": "tab:orange", "plain_autodiff": "tab:green",
+               "plain_checkpoint": "tab:purple"}
+
+
 def plot_nets(net_rows: list[dict], memory_rows: list[dict], path: str, device: str) -> None:
     """Ratios to plain autodiff and peak memory of each path against the conv nets' depth,
     width and batch, and attention's sequence length."""
@@ -679,13 +684,16 @@ def plot_nets(net_rows: list[dict], memory_rows: list[dict], path: str, device: 
     if not panels:
         return
     fig, axes = plt.subplots(2, len(panels), figsize=(3.6 * len(panels), 6.6), squeeze=False)
+    lines = {}
     for j, (title, x_key, rows) in enumerate(panels):
         rows = sorted(rows, key=lambda r: r[x_key])
         for name in rows[0]["paths"]:
             xs = [r[x_key] for r in rows]
-            axes[0, j].plot(xs, [r["paths"][name]["ratio"] for r in rows], "o-", label=name)
+            style = dict(color=PATH_COLORS.get(name), label=name)  # one colour per path
+            lines[name], = axes[0, j].plot(xs, [r["paths"][name]["ratio"] for r in rows], "o-",
+                                           **style)
             axes[1, j].plot(xs, [r["paths"][name]["peak_bytes"] / 2 ** 20 for r in rows], "o-",
-                            label=name)
+                            **style)
         for ax in axes[:, j]:
             ax.set_xscale("log", base=2)
             ax.set_xlabel(x_key)
@@ -694,9 +702,9 @@ def plot_nets(net_rows: list[dict], memory_rows: list[dict], path: str, device: 
         axes[1, j].set_yscale("log")
     axes[0, 0].set_ylabel("step time ÷ plain autodiff (jitted)")
     axes[1, 0].set_ylabel("XLA peak MiB (args + outputs + temp)")
-    axes[0, -1].legend(fontsize=7)
-    fig.suptitle(f"manual vs jaxnet autodiff vs plain autodiff; {device} (shared)", fontsize=9)
-    fig.tight_layout()
+    fig.legend(lines.values(), lines.keys(), loc="lower center", ncol=len(lines), fontsize=8)
+    fig.suptitle(f"manual vs jaxnet autodiff vs plain autodiff; {device}", fontsize=9)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=100)
 
 
@@ -786,11 +794,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--markdown", metavar="PATH", help="write the tables of every point's "
                     "paths as markdown")
     ap.add_argument("--tables-from", metavar="JSON", help="print the markdown tables of a "
-                    "result JSON written before, and run nothing")
+                    "result JSON written before (and with --plot, draw its plots), and run nothing")
     args = ap.parse_args(argv)
     if args.tables_from:
         with open(args.tables_from) as fh:
-            print(tables(json.load(fh)), end="")
+            result = json.load(fh)
+        print(tables(result), end="")
+        if args.plot:  # the plots again, from the JSON
+            if result.get("rows"):
+                plot(result["rows"], args.plot, result["device"])
+            plot_nets(result.get("net_rows", []),
+                      (result.get("attention_memory") or {}).get("points", []),
+                      os.path.splitext(args.plot)[0] + "_nets.png", result["device"])
         return []
     args.budget = args.budget or (0.8 if args.quick else 4.0)
     args.rounds = args.rounds or (10 if args.quick else 20)

@@ -134,6 +134,8 @@ def test_manual_vs_autodiff_writes_three_paths_for_every_net(tmp_path, monkeypat
             assert col["max_rel_grad_diff"] < 1e-3, (name, col["max_rel_grad_diff"])
         assert row["paths"]["plain_autodiff"]["ratio"] == 1.0
     assert (tmp_path / "m.png").exists() and (tmp_path / "m_nets.png").exists()
+    bench.main(["--tables-from", str(out), "--plot", str(tmp_path / "again.png")])  # from JSON
+    assert (tmp_path / "again.png").exists() and (tmp_path / "again_nets.png").exists()
     # the README's table: one row per point, the ratios and memory read from the JSON
     summary = bench.summary_table(result).splitlines()
     assert len(summary) == 2 + 3
