@@ -17,23 +17,12 @@ Most of these tests' time is XLA compiling small programs on two shared CPU core
 
   Tests of init itself (shapes, dtypes, counts, seeds) still call the net's init.
 - :func:`normal`: standard normal data drawn in numpy.
-- :func:`fast_jit`: ``jax.jit`` with XLA's backend optimisation level 0 on top of LLVM's
-  expensive passes off (as tests/conftest.py sets for every program): about a quarter less
-  compile time again. It changes how
-  fast the compiled code runs, not what it computes; for the small arrays of gradient checks
-  that is noise. Values compared exactly must come from programs compiled alike (the level
-  can move a result by an ulp).
 """
-
-from functools import partial
 
 import jax
 import numpy as np
 
 from jaxnet.protocol import init_with_state
-
-fast_jit = partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                              "xla_llvm_disable_expensive_passes": True})
 
 
 def _leaf(path, spec, rng, dtype):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _fast import fast_jit, normal, numpy_init
+from _fast import normal, numpy_init
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.example_libraries import stax
@@ -33,7 +33,7 @@ LOSSES = {"softmax_cross_entropy": jn.softmax_cross_entropy, "cross_entropy": jn
           "l2_loss": jn.l2_loss, "huber": huber}
 
 
-# Both paths run jitted in most tests, as one program (fast_jit, tests/_fast.py): one XLA
+# Both paths run jitted in most tests, as one program (jax.jit): one XLA
 # compile per net is much cheaper than compiling every op on its own in eager mode.
 
 
@@ -125,7 +125,7 @@ def both_ways(net, loss):
         return (manual_value_and_grad(net, loss)(params, inputs, targets, **kwargs),
                 autodiff(net, loss, params, inputs, targets, **kwargs))
 
-    return fast_jit(both)
+    return jax.jit(both)
 
 
 def check_random_network(case, dtype, rtol):
@@ -220,8 +220,8 @@ def test_fused_pair_skips_the_output_activations_backward_rule():
     net = jn.serial(jn.Dense(3), softmax)
     _, params = numpy_init(net, (4, 2))
     inputs, targets = jnp.ones((4, 2)), jnp.array([0, 1, 2, 0])
-    value, grads = fast_jit(manual_value_and_grad(net, jn.cross_entropy))(params, inputs, targets)
-    reference = fast_jit(partial(autodiff, jn.serial(jn.Dense(3), jn.Softmax), jn.cross_entropy))
+    value, grads = jax.jit(manual_value_and_grad(net, jn.cross_entropy))(params, inputs, targets)
+    reference = jax.jit(partial(autodiff, jn.serial(jn.Dense(3), jn.Softmax), jn.cross_entropy))
     assert_grads_close(grads, reference(params, inputs, targets)[1], 1e-12)
 
 
@@ -233,7 +233,7 @@ def test_under_jit(jit):
         f = jax.jit(f)
     key = jax.random.key(3)
     value, grads = f(params, inputs, targets, rng=key)
-    ref_value, ref_grads = fast_jit(partial(autodiff, net, jn.cross_entropy))(
+    ref_value, ref_grads = jax.jit(partial(autodiff, net, jn.cross_entropy))(
         params, inputs, targets, rng=key)
     np.testing.assert_allclose(value, ref_value, rtol=1e-14)
     assert_grads_close(grads, ref_grads, 1e-10)
@@ -257,7 +257,7 @@ def test_vmap_gives_per_example_gradients():
     f = manual_value_and_grad(net, jn.cross_entropy)
 
     def per_example(fn):
-        return fast_jit(jax.vmap(lambda x, t: fn(x[None], t[None])))(inputs, targets)
+        return jax.jit(jax.vmap(lambda x, t: fn(x[None], t[None])))(inputs, targets)
 
     values, grads = per_example(lambda x, t: f(params, x, t, mode="eval"))
     ref_values, ref_grads = per_example(
@@ -266,7 +266,7 @@ def test_vmap_gives_per_example_gradients():
     np.testing.assert_allclose(values, ref_values, rtol=1e-14)
     assert_grads_close(grads, ref_grads, 1e-10)
     # the mean of the per-example gradients is the batch gradient
-    _, batch_grads = fast_jit(partial(f, mode="eval"))(params, inputs, targets)
+    _, batch_grads = jax.jit(partial(f, mode="eval"))(params, inputs, targets)
     assert_grads_close(jax.tree_util.tree_map(lambda g: np.mean(g, 0), grads), batch_grads, 1e-10)
 
 
@@ -275,9 +275,9 @@ def test_vmap_over_unbatched_examples_under_jit():
     _, params = numpy_init(net, (4,))
     inputs = normal((5, 4), 1)
     targets = jnp.array([0, 2, 1, 1, 0])
-    f = fast_jit(jax.vmap(manual_value_and_grad(net, jn.softmax_cross_entropy),
+    f = jax.jit(jax.vmap(manual_value_and_grad(net, jn.softmax_cross_entropy),
                           in_axes=(None, 0, 0)))
-    ref = fast_jit(jax.vmap(lambda x, t: autodiff(net, jn.softmax_cross_entropy, params, x, t)))
+    ref = jax.jit(jax.vmap(lambda x, t: autodiff(net, jn.softmax_cross_entropy, params, x, t)))
     values, grads = f(params, inputs, targets)
     ref_values, ref_grads = ref(inputs, targets)
     np.testing.assert_allclose(values, ref_values, rtol=1e-14)
@@ -287,7 +287,7 @@ def test_vmap_over_unbatched_examples_under_jit():
 def test_dropout_same_key_same_mask_in_both_paths():
     net, params, inputs, targets = small_problem()
     key = jax.random.key(7)
-    outputs, applied = fast_jit(lambda p, x, k: (layer_fwd(net, p, x, {"rng": k})[0],
+    outputs, applied = jax.jit(lambda p, x, k: (layer_fwd(net, p, x, {"rng": k})[0],
                                                  net.apply(p, x, rng=k)))(params, inputs, key)
     np.testing.assert_array_equal(outputs, applied)
     f = both_ways(net, jn.cross_entropy)
@@ -320,7 +320,7 @@ def test_training_with_manual_gradients_follows_the_autodiff_loss_curve():
             updates, s = opt.update(grads, s, p)
             return (optax.apply_updates(p, updates), s), value
 
-        run = fast_jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), length=100)[1])
+        run = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), length=100)[1])
         return run(params)
 
     manual = curve(manual_value_and_grad(net, jn.cross_entropy))
@@ -408,9 +408,9 @@ def test_autodiff_fallback_is_opt_in_and_reported():
     targets = normal((3, 2), 2)
     f = manual_value_and_grad(net, jn.l2_loss, autodiff_fallback=True)
     with pytest.warns(AutodiffFallbackWarning, match="layer_0"):
-        value, grads = fast_jit(f)(params, inputs, targets)
+        value, grads = jax.jit(f)(params, inputs, targets)
     assert f.fallback_paths == ("layer_0",)
-    ref_value, ref_grads = fast_jit(partial(autodiff, net, jn.l2_loss))(params, inputs, targets)
+    ref_value, ref_grads = jax.jit(partial(autodiff, net, jn.l2_loss))(params, inputs, targets)
     assert value == ref_value
     assert_grads_close(grads, ref_grads, 1e-12)
     with warnings.catch_warnings():  # warned once per input signature, not every trace

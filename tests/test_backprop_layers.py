@@ -8,7 +8,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _fast import fast_jit, numpy_init
+from _fast import numpy_init
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,7 +71,7 @@ def check(case, dtype, rtol):
     loss = jn.softmax_cross_entropy
     mode = "train"
 
-    @fast_jit  # the manual pass and jax.grad as one program: one compile per case
+    @jax.jit  # the manual pass and jax.grad as one program: one compile per case
     def both(params, state, x, y):
         def objective(p):
             out, new = net.apply_with_state(p, state, x, mode=mode)
@@ -110,7 +110,7 @@ def test_a_net_starting_with_an_embedding_has_no_input_gradient():
     _, params = numpy_init(net, (-1, 3))
     x, y = jnp.array([[0, 1, 4], [2, 2, 3]]), jnp.array([0, 1])
 
-    @fast_jit  # one program, not op by op
+    @jax.jit  # one program, not op by op
     def both(params, x, y):
         return (jn.manual_value_and_grad(net, jn.softmax_cross_entropy)(params, x, y),
                 jax.grad(lambda p: jn.softmax_cross_entropy(net.apply(p, x), y))(params))

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _fast import fast_jit, normal, numpy_init
+from _fast import normal, numpy_init
 
 import jaxnet
 from jaxnet import Dense, Identity, Relu, check_activation, collapse_linear, residual, serial
@@ -49,7 +49,7 @@ def test_summary_linear_model_has_depth_zero():
 # biases are checked too; both nets' outputs are computed in one compiled program.
 
 def _outputs(net, params, new_net, new_params, in_dim):
-    return fast_jit(lambda p, q, x: (new_net.apply(q, x), net.apply(p, x)))(
+    return jax.jit(lambda p, q, x: (new_net.apply(q, x), net.apply(p, x)))(
         params, new_params, normal((5, in_dim), 1))
 
 

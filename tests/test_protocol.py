@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _fast import fast_jit, normal, numpy_init
+from _fast import normal, numpy_init
 from jax.example_libraries import stax
 
 import jaxnet as jn
@@ -112,7 +112,7 @@ def _grads_agree(net, loss, x, y):
     _, params = numpy_init(net, (-1, x.shape[-1]))
     f = jn.manual_value_and_grad(net, loss)
 
-    @fast_jit  # the manual pass and jax.grad as one program, not op by op
+    @jax.jit  # the manual pass and jax.grad as one program, not op by op
     def both(params, x, y):
         return f(params, x, y), jax.value_and_grad(
             lambda p: loss.formula(net.apply(p, x), y))(params)
@@ -256,7 +256,7 @@ def test_batch_norm_state_train_updates_eval_reads_and_manual_matches_jax_grad()
     x, y = normal((8, 6, 2)), jnp.arange(8) % 3
     f = jn.manual_value_and_grad(net, jn.softmax_cross_entropy)
 
-    @partial(fast_jit, static_argnames="mode")  # one program per mode, not op by op
+    @partial(jax.jit, static_argnames="mode")  # one program per mode, not op by op
     def both(params, state, mode):
         def objective(p):
             out, new = net.apply_with_state(p, state, x, mode=mode)
@@ -281,7 +281,7 @@ def test_eval_output_of_an_example_does_not_depend_on_its_batch():
     _, params, state = numpy_init(net, (-1, 6, 2), with_state=True)  # tests/_fast.py
     state = jax.tree.map(lambda a: np.asarray(a) + 0.3, state)
     x = normal((8, 6, 2))
-    apply = fast_jit(partial(net.apply_with_state, mode="eval"))  # one program per batch size
+    apply = jax.jit(partial(net.apply_with_state, mode="eval"))  # one program per batch size
     alone = apply(params, state, x[:1])[0]
     among = apply(params, state, x)[0][:1]
     chex.assert_trees_all_close(alone, among, rtol=1e-12)
@@ -322,7 +322,7 @@ def test_manual_gradients_have_their_params_dtypes_under_make_epoch():
                              jax.random.PRNGKey(0))
     x, y = np.ones((2, 4, 4), np.float32), np.zeros((2, 4), np.int32)
     f = jn.manual_value_and_grad(net, jn.softmax_cross_entropy)
-    _, grads = fast_jit(f)(params, x[0], y[0])  # one program, not op by op
+    _, grads = jax.jit(f)(params, x[0], y[0])  # one program, not op by op
     assert jax.tree.map(lambda g: g.dtype, grads) == jax.tree.map(lambda p: p.dtype, params)
     new, losses = train.make_epoch(net, jn.softmax_cross_entropy, opt, "manual")(state, x, y)
     assert new.params["dense_0"]["w"].dtype == jnp.bfloat16 and losses.shape == (2,)
