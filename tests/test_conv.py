@@ -26,7 +26,12 @@ CONVS = [
           feature_group_count=3), (2, 9, 8, 6), ((1, 2), (0, 1))),
     (Conv(8, (3, 3), strides=(2, 2), feature_group_count=4), (1, 8, 7, 4),  # depthwise ×2
      ((0, 1), (1, 1))),
+    # K·C_in ≤ C_out: computed as patches·W on CPUs (jaxnet.conv._by_patches)
+    (Conv(6, (3,), strides=(2,)), (2, 9, 1), ((1, 1),)),
+    (Conv(8, (2, 2), strides=(2, 1), padding="SAME", dilation=(1, 2)), (2, 7, 6, 2),
+     ((0, 1), (1, 1))),
 ]
+BY_PATCHES = [6, 7, 3]  # the indices in CONVS of the convolutions computed by patches
 TRANSPOSES = [
     (ConvTranspose(4, (3,), strides=(2,)), (2, 5, 3)),
     (ConvTranspose(4, (3, 2), strides=(2, 3), padding="VALID", dilation=(2, 1)), (2, 4, 3, 3)),
@@ -104,7 +109,33 @@ def test_same_padding_keeps_ceil_of_input_over_stride():
         assert out[1] == size * s
 
 
-@pytest.mark.parametrize("i", [4, 7])  # grouped, strided, dilated 2-d; transposed 2-d
+@pytest.mark.parametrize("i", BY_PATCHES)
+def test_patches_path_equals_jax_derivatives_of_the_xla_convolution(i):
+    # On CPUs these convolutions run as patches·W (forward, the manual kernel gradient, and
+    # jax.grad through it); the reference is lax.conv_general_dilated's own derivatives
+    layer, shape, pads = CONVS[i]
+    assert jaxnet.conv._by_patches(random_params(layer, shape)[1]["w"], (1,) * (len(shape) - 2),
+                                   1)
+    out_shape, params, x = setup(layer, shape)
+    c = layer.config
+    spec = {3: ("NWC", "WIO", "NWC"), 4: ("NHWC", "HWIO", "NHWC")}[x.ndim]
+    g = jnp.asarray(np.random.default_rng(2).standard_normal(out_shape))
+
+    @jax.jit
+    def run(params, x, g):
+        xla = lambda p, x: jax.lax.conv_general_dilated(  # noqa: E731
+            x, p["w"], c["strides"], pads, rhs_dilation=c["dilation"],
+            dimension_numbers=spec) + p["b"]
+        manual = layer.bwd(params, layer.fwd(params, x)[1], g)
+        auto = jax.vjp(layer.apply, params, x)[1](g)
+        return (layer.apply(params, x), manual, auto), (xla(params, x),) + (
+            jax.vjp(xla, params, x)[1](g),) * 2
+
+    got, want = run(params, x, g)
+    chex.assert_trees_all_close(got, want, rtol=1e-10, atol=1e-12)  # float64, summed reordered
+
+
+@pytest.mark.parametrize("i", [4, 9])  # grouped, strided, dilated 2-d; transposed 2-d
 def test_backward_rule_equals_vjp_float32(i):
     layer, shape = ALL[i]
     _, params, x = setup(layer, shape)
