@@ -106,7 +106,11 @@ def conv_general(x: Array, w: Array, strides: Sequence[int], pads: Sequence[tupl
         return xla(x, w)
 
     def matmul(x, w):
-        return _patches(x, w.shape[:-2], strides, pads, dilation) @ w.reshape(-1, w.shape[-1])
+        # as (N·O, K·C)·(K·C, C_out): jax.grad's ∂L/∂W = patchesᵀ·δ then contracts one axis,
+        # not the three of (N, *O, K·C) (the first layer above: 19.5 against 7.5 ms)
+        p = _patches(x, w.shape[:-2], strides, pads, dilation)
+        return (p.reshape(-1, p.shape[-1]) @ w.reshape(-1, w.shape[-1])).reshape(
+            *p.shape[:-1], w.shape[-1])
 
     return lax.platform_dependent(x, w, cpu=matmul, default=xla)
 
