@@ -9,6 +9,8 @@ last.
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 from jax.nn import initializers
@@ -147,6 +149,33 @@ def RMSNorm(epsilon: float = 1e-6, scale_init: Initializer = initializers.ones) 
                  config={"epsilon": epsilon})
 
 
+@partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _batch_standardize(x: Array, epsilon: float) -> tuple[Array, Array, Array, Array]:
+    """(x̂, s, μ, σ²) over every axis but the last: μ, σ² the batch mean and (biased)
+    variance of each channel, s = 1/√(σ² + ε), x̂ = (x − μ)·s.
+
+    Its JVP is BatchNorm's backward rule read forwards, ẋ̂ = s(ẋ − mean ẋ − x̂·mean(ẋ·x̂))
+    (μ̇ = mean ẋ, σ̇² = 2·mean(x̂·ẋ)/s, ṡ = −s³σ̇²/2), so that ``jax.grad`` keeps x̂ and s and
+    runs the rule's three passes instead of differentiating the mean, the variance and the
+    rsqrt one by one.
+    """
+    axes = tuple(range(x.ndim - 1))
+    mean = jnp.mean(x, axes)
+    var = jnp.mean(jnp.square(x - mean), axes)
+    s = jax.lax.rsqrt(var + epsilon)
+    return (x - mean) * s, s, mean, var
+
+
+@_batch_standardize.defjvp
+def _batch_standardize_jvp(epsilon, primals, tangents):
+    (x,), (t,) = primals, tangents
+    xhat, s, mean, var = out = _batch_standardize(x, epsilon)
+    axes = tuple(range(x.ndim - 1))
+    t_mean, t_xhat_mean = jnp.mean(t, axes), jnp.mean(t * xhat, axes)
+    t_var = 2 * t_xhat_mean / s
+    return out, (s * (t - t_mean - xhat * t_xhat_mean), -0.5 * s ** 3 * t_var, t_mean, t_var)
+
+
 @recorded
 def BatchNorm(momentum: float = 0.9, epsilon: float = 1e-5,
               scale_init: Initializer = initializers.ones,
@@ -198,10 +227,8 @@ def BatchNorm(momentum: float = 0.9, epsilon: float = 1e-5,
             raise StatefulLayerError(f"BatchNorm needs its model state {{'mean', 'var'}}, got "
                                      f"{sorted(state) if isinstance(state, dict) else state!r}"
                                      f" (from init_with_state)")
-        axes = tuple(range(x.ndim - 1))
         if mode == "train":
-            mean = jnp.mean(x, axes)
-            var = jnp.mean(jnp.square(x - mean), axes)
+            xhat, s, mean, var = _batch_standardize(x, epsilon)
             keep = jnp.asarray(momentum, state["mean"].dtype)
             new_state = {
                 "mean": keep * state["mean"] + (1 - keep) * jax.lax.stop_gradient(mean),
@@ -209,8 +236,8 @@ def BatchNorm(momentum: float = 0.9, epsilon: float = 1e-5,
         else:
             mean, var = state["mean"].astype(x.dtype), state["var"].astype(x.dtype)
             new_state = state
-        s = jax.lax.rsqrt(var + epsilon)
-        xhat = (x - mean) * s
+            s = jax.lax.rsqrt(var + epsilon)
+            xhat = (x - mean) * s
         return xhat * params["scale"] + params["bias"], (xhat, s, mode == "train"), new_state
 
     def apply(params, inputs, **kwargs):
