@@ -93,8 +93,7 @@ def _softmax_with_stats(s: Array, allowed: Array | None) -> tuple[Array, Array]:
 def _softmax_with_stats_jvp(primals, tangents):
     (s, allowed), (ds, _) = primals, tangents
     p, lse = _softmax_with_stats(s, allowed)
-    mean = jnp.sum(p * ds, -1)  # Σⱼ pⱼṡⱼ
-    return (p, lse), (p * (ds - mean[..., None]), mean)
+    return (p, lse), (softmax_jvp(p, ds), jnp.sum(p * ds, -1))  # lse' = Σⱼ pⱼṡⱼ
 
 
 def attention_weights(q: Array, k: Array, causal: bool = False,

@@ -373,6 +373,15 @@ def Dropout(rate: float, mode: str = "train", name: str | None = None) -> Layer:
 
 # --- LayerNorm -------------------------------------------------------------
 
+def standardized_tangent(xhat: Array, s: Array, t: Array, axes: int | tuple[int, ...]) -> Array:
+    """s(t − mean t − x̂·mean(t·x̂)), means over ``axes``: the derivative of the standardisation
+    x̂ = (x − μ)·s (μ, 1/s² − ε the mean and variance over ``axes``) applied to t. The map is
+    self-adjoint, so it is both the JVP (t = ẋ) and the backward rule (t = ĝ = g·scale) of
+    LayerNorm, GroupNorm and BatchNorm."""
+    return s * (t - jnp.mean(t, axes, keepdims=True)
+                - xhat * jnp.mean(t * xhat, axes, keepdims=True))
+
+
 @recorded
 def LayerNorm(epsilon: float = 1e-5, scale_init: Initializer = initializers.ones,
               bias_init: Initializer = initializers.zeros, name: str | None = None) -> Layer:
@@ -419,8 +428,7 @@ def LayerNorm(epsilon: float = 1e-5, scale_init: Initializer = initializers.ones
         xhat, s = residuals
         d = g.shape[-1]
         gh = g * params["scale"]
-        dx = s * (gh - jnp.mean(gh, -1, keepdims=True)
-                  - xhat * jnp.mean(gh * xhat, -1, keepdims=True))
+        dx = standardized_tangent(xhat, s, gh, -1)
         grads = {"scale": jnp.sum((g * xhat).reshape(-1, d), 0),
                  "bias": jnp.sum(g.reshape(-1, d), 0)}
         return grads, dx

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.nn import initializers
 
-from .layers import Initializer, Layer, ShapeError, StatefulLayerError
+from .layers import Initializer, Layer, ShapeError, StatefulLayerError, standardized_tangent
 from .protocol import recorded
 
 Array = jax.Array
@@ -93,8 +93,7 @@ def GroupNorm(num_groups: int, epsilon: float = 1e-5,
         axes = tuple(range(1, xhat.ndim - 2)) + (xhat.ndim - 1,)
         c = g.shape[-1]
         gh = (g * params["scale"]).reshape(xhat.shape)
-        dx = s * (gh - jnp.mean(gh, axes, keepdims=True)
-                  - xhat * jnp.mean(gh * xhat, axes, keepdims=True))
+        dx = standardized_tangent(xhat, s, gh, axes)
         grads = {"scale": jnp.sum((g * xhat.reshape(g.shape)).reshape(-1, c), 0),
                  "bias": jnp.sum(g.reshape(-1, c), 0)}
         return grads, dx.reshape(g.shape)
@@ -171,9 +170,8 @@ def _batch_standardize_jvp(epsilon, primals, tangents):
     (x,), (t,) = primals, tangents
     xhat, s, mean, var = out = _batch_standardize(x, epsilon)
     axes = tuple(range(x.ndim - 1))
-    t_mean, t_xhat_mean = jnp.mean(t, axes), jnp.mean(t * xhat, axes)
-    t_var = 2 * t_xhat_mean / s
-    return out, (s * (t - t_mean - xhat * t_xhat_mean), -0.5 * s ** 3 * t_var, t_mean, t_var)
+    t_mean, t_var = jnp.mean(t, axes), 2 * jnp.mean(t * xhat, axes) / s
+    return out, (standardized_tangent(xhat, s, t, axes), -0.5 * s ** 3 * t_var, t_mean, t_var)
 
 
 @recorded
@@ -260,7 +258,7 @@ def BatchNorm(momentum: float = 0.9, epsilon: float = 1e-5,
         axes = tuple(range(g.ndim - 1))
         gh = g * params["scale"]
         if batch_stats:
-            dx = s * (gh - jnp.mean(gh, axes) - xhat * jnp.mean(gh * xhat, axes))
+            dx = standardized_tangent(xhat, s, gh, axes)
         else:
             dx = gh * s
         return {"scale": jnp.sum(g * xhat, axes), "bias": jnp.sum(g, axes)}, dx
